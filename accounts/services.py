@@ -1,0 +1,106 @@
+"""Every change to users and API keys goes through these functions."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.models import ApiKey
+
+KEY_PREFIX = "sk-"
+# 32 random bytes = 256 bits, above the 192 the design asks for.
+KEY_RANDOM_BYTES = 32
+VISIBLE_PREFIX_LENGTH = 11
+
+# Published in README and config/: fine for a first try, never for a real deployment.
+QUICK_START_KEYS = frozenset(
+    {
+        "sk-admin-korean-key-123",
+        "sk-dev-korean-key-456",
+        "sk-user1-korean-key-def",
+        "sk-dev1-korean-key-789",
+        "sk-test-korean-key-stu",
+    }
+)
+
+
+def hash_key(raw_key: str) -> str:
+    # Keys carry 256 random bits, so a fast unsalted hash is safe and lets the gateway look a
+    # key up by equality; imported keys are hashed the same way.
+    return hashlib.sha256(raw_key.encode("utf-8")).hexdigest()
+
+
+def visible_prefix(raw_key: str) -> str:
+    return raw_key[:VISIBLE_PREFIX_LENGTH]
+
+
+def generate_raw_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
+
+
+def create_api_key(
+    user: AbstractBaseUser, name: str = "", expires_at: datetime | None = None
+) -> tuple[ApiKey, str]:
+    """Create a new random key; the raw key is returned here and never again."""
+    raw_key = generate_raw_key()
+    key = ApiKey.objects.create(
+        user=user,
+        name=name,
+        prefix=visible_prefix(raw_key),
+        key_hash=hash_key(raw_key),
+        expires_at=expires_at,
+    )
+    return key, raw_key
+
+
+def import_api_key(user: AbstractBaseUser, raw_key: str, name: str = "") -> tuple[ApiKey, bool]:
+    """Store a key given in configuration; returns (key, changed). Re-importing is a no-op."""
+    key_hash = hash_key(raw_key)
+    existing = ApiKey.objects.filter(key_hash=key_hash).first()
+    if existing is None:
+        key = ApiKey.objects.create(
+            user=user,
+            name=name,
+            prefix=visible_prefix(raw_key),
+            key_hash=key_hash,
+            imported=True,
+        )
+        return key, True
+    if existing.user_id != user.pk or (name and existing.name != name):
+        existing.user = user  # type: ignore[assignment]
+        existing.name = name or existing.name
+        existing.save(update_fields=["user", "name"])
+        return existing, True
+    return existing, False
+
+
+def revoke_api_keys(keys: list[ApiKey] | None = None, *, key_ids: list[int] | None = None) -> int:
+    """Revoke keys; the gateway's key cache drops them within GATEWAY_KEY_CACHE_SECONDS."""
+    ids = [k.pk for k in keys or []] + list(key_ids or [])
+    return ApiKey.objects.filter(pk__in=ids, revoked_at__isnull=True).update(revoked_at=timezone.now())
+
+
+def touch_last_used(last_used: dict[int, datetime]) -> None:
+    """Record when keys were last used; called by the ledger writer once per batch, not per request."""
+    with transaction.atomic():
+        for key_id, when in last_used.items():
+            ApiKey.objects.filter(pk=key_id).exclude(last_used_at__gte=when).update(last_used_at=when)
+
+
+def quick_start_keys_in_use() -> list[str]:
+    """Prefixes of the well-known quick-start keys that are still active."""
+    hashes = [hash_key(k) for k in QUICK_START_KEYS]
+    return list(
+        ApiKey.objects.filter(key_hash__in=hashes, revoked_at__isnull=True).values_list("prefix", flat=True)
+    )
+
+
+def get_or_create_user(username: str) -> tuple[AbstractBaseUser, bool]:
+    user_model = get_user_model()
+    return user_model.objects.get_or_create(username=username)

@@ -1,0 +1,37 @@
+"""Models the gateway serves: the upstream's model name, client-facing aliases, the tokenizer."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+
+class ServedModel(models.Model):
+    # The name SGLang serves (--served-model-name, else --model-path): sent upstream as is.
+    name = models.CharField(_("served model name"), max_length=200, unique=True)
+    aliases = models.JSONField(
+        _("aliases"), default=list, blank=True, help_text=_("Other names clients may use, e.g. korean-qwen.")
+    )
+    upstream_url = models.URLField(
+        _("upstream URL"), blank=True, help_text=_("Blank: the SGLANG_URL setting.")
+    )
+    tokenizer = models.CharField(
+        _("tokenizer"),
+        max_length=500,
+        blank=True,
+        help_text=_("A local path or model name; blank: the served model name."),
+    )
+    context_length = models.PositiveIntegerField(_("context length"), default=32768)
+    # The original design's Hangul-weight override for the estimator; null = calibrated factors.
+    korean_factor = models.FloatField(_("Korean factor"), null=True, blank=True)
+    request_timeout_seconds = models.FloatField(_("request timeout (s)"), default=300.0)
+    is_active = models.BooleanField(_("active"), default=True)
+    description = models.TextField(_("description"), blank=True)
+
+    class Meta:
+        verbose_name = _("served model")
+        verbose_name_plural = _("served models")
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name

@@ -1,0 +1,7 @@
+from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
+
+
+class QuotasConfig(AppConfig):
+    name = "quotas"
+    verbose_name = _("Plans and usage")

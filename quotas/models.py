@@ -1,0 +1,139 @@
+"""Plans, per-user overrides and the usage ledger."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+LIMIT_FIELDS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "tokens_per_hour",
+    "tokens_per_day",
+    "cooldown_minutes",
+    "max_parallel_requests",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one user may do; the gateway caches this next to each key."""
+
+    requests_per_minute: int
+    tokens_per_minute: int
+    tokens_per_hour: int
+    tokens_per_day: int
+    cooldown_minutes: int
+    max_parallel_requests: int
+    # Empty means every served model.
+    allowed_models: tuple[str, ...] = ()
+
+
+class Plan(models.Model):
+    name = models.CharField(_("name"), max_length=100, unique=True)
+    description = models.TextField(_("description"), blank=True)
+    requests_per_minute = models.PositiveIntegerField(_("requests per minute"), default=40)
+    tokens_per_minute = models.PositiveIntegerField(_("tokens per minute"), default=8000)
+    tokens_per_hour = models.PositiveBigIntegerField(_("tokens per hour"), default=500_000)
+    tokens_per_day = models.PositiveBigIntegerField(_("tokens per day"), default=1_000_000)
+    cooldown_minutes = models.PositiveIntegerField(_("cooldown minutes"), default=2)
+    max_parallel_requests = models.PositiveIntegerField(_("max parallel requests"), default=8)
+    allowed_models = models.JSONField(
+        _("allowed models"),
+        default=list,
+        blank=True,
+        help_text=_("Model names or aliases this plan may use; empty allows every model."),
+    )
+
+    class Meta:
+        verbose_name = _("plan")
+        verbose_name_plural = _("plans")
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class UserQuota(models.Model):
+    """A user's plan and optional per-user overrides of any plan field (blank = the plan's)."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota", verbose_name=_("user")
+    )
+    plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="quotas", verbose_name=_("plan"))
+    description = models.TextField(_("description"), blank=True)
+    requests_per_minute = models.PositiveIntegerField(_("requests per minute"), null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(_("tokens per minute"), null=True, blank=True)
+    tokens_per_hour = models.PositiveBigIntegerField(_("tokens per hour"), null=True, blank=True)
+    tokens_per_day = models.PositiveBigIntegerField(_("tokens per day"), null=True, blank=True)
+    cooldown_minutes = models.PositiveIntegerField(_("cooldown minutes"), null=True, blank=True)
+    max_parallel_requests = models.PositiveIntegerField(_("max parallel requests"), null=True, blank=True)
+    allowed_models = models.JSONField(_("allowed models"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("user quota")
+        verbose_name_plural = _("user quotas")
+
+    def __str__(self) -> str:
+        return f"{self.user} · {self.plan}"
+
+    def effective_limits(self) -> Limits:
+        values = {
+            field: getattr(self, field) if getattr(self, field) is not None else getattr(self.plan, field)
+            for field in LIMIT_FIELDS
+        }
+        models_ = self.allowed_models if self.allowed_models is not None else self.plan.allowed_models
+        return Limits(**values, allowed_models=tuple(models_ or ()))
+
+
+class UsageSource(models.TextChoices):
+    UPSTREAM = "upstream", _("reported by the upstream")
+    GATEWAY = "gateway", _("counted by the gateway")
+    NONE = "none", _("nothing generated")
+
+
+class UsageRecord(models.Model):
+    """One row per request that reached the gateway with a valid key; written in batches."""
+
+    request_id = models.CharField(_("request id"), max_length=64, unique=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="usage_records"
+    )
+    api_key = models.ForeignKey(
+        "accounts.ApiKey", on_delete=models.SET_NULL, null=True, related_name="usage_records"
+    )
+    model = models.CharField(_("model"), max_length=200)
+    endpoint = models.CharField(_("endpoint"), max_length=40)
+    prompt_tokens = models.PositiveIntegerField(_("prompt tokens"), default=0)
+    completion_tokens = models.PositiveIntegerField(_("completion tokens"), default=0)
+    cached_tokens = models.PositiveIntegerField(_("cached tokens"), default=0)
+    estimated_prompt_tokens = models.PositiveIntegerField(_("gateway's prompt count"), default=0)
+    usage_source = models.CharField(
+        _("usage source"), max_length=10, choices=UsageSource.choices, default=UsageSource.UPSTREAM
+    )
+    status_code = models.PositiveSmallIntegerField(_("HTTP status"))
+    error_type = models.CharField(_("error type"), max_length=60, blank=True)
+    streamed = models.BooleanField(_("streamed"), default=False)
+    client_disconnected = models.BooleanField(_("client disconnected"), default=False)
+    started_at = models.DateTimeField(_("started"))
+    finished_at = models.DateTimeField(_("finished"))
+    upstream_latency_ms = models.FloatField(_("upstream latency (ms)"), null=True, blank=True)
+    time_to_first_token_ms = models.FloatField(_("time to first token (ms)"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("usage record")
+        verbose_name_plural = _("usage records")
+        indexes = [
+            models.Index(fields=["started_at"]),
+            models.Index(fields=["user", "started_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return self.request_id
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

@@ -1,0 +1,96 @@
+"""Every change to plans, quotas and the ledger goes through these functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+
+from accounts.models import ApiKey
+from quotas.models import LIMIT_FIELDS, Limits, Plan, UsageRecord, UserQuota
+
+DEFAULT_PLAN_NAME = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """What the gateway caches for one key hash: who it is and what they may do."""
+
+    key_id: int
+    user_id: int
+    username: str
+    limits: Limits
+    expires_at: datetime | None
+    revoked: bool
+
+    def is_usable(self, now: datetime) -> bool:
+        return not self.revoked and (self.expires_at is None or self.expires_at > now)
+
+
+def default_plan() -> Plan:
+    plan, _ = Plan.objects.get_or_create(name=DEFAULT_PLAN_NAME)
+    return plan
+
+
+def set_user_quota(
+    user: AbstractBaseUser, plan: Plan, *, description: str | None = None, **overrides: Any
+) -> tuple[UserQuota, bool]:
+    """Put a user on a plan with optional overrides; returns (quota, changed)."""
+    unknown = set(overrides) - set(LIMIT_FIELDS) - {"allowed_models"}
+    if unknown:
+        raise ValueError(f"unknown quota fields: {sorted(unknown)}")
+    quota = UserQuota.objects.filter(user=user).first()
+    if quota is None:
+        quota = UserQuota(user=user, plan=plan)
+        changed = True
+    else:
+        changed = quota.plan_id != plan.pk
+        quota.plan = plan
+    wanted: dict[str, Any] = dict(overrides)
+    if description is not None:
+        wanted["description"] = description
+    for field, value in wanted.items():
+        if getattr(quota, field) != value:
+            setattr(quota, field, value)
+            changed = True
+    if changed:
+        quota.save()
+    return quota, changed
+
+
+def load_key_grant(key_hash: str) -> KeyGrant | None:
+    """One query: the key, its user and the user's quota and plan (None if no such key)."""
+    key = (
+        ApiKey.objects.select_related("user", "user__quota", "user__quota__plan")
+        .filter(key_hash=key_hash)
+        .first()
+    )
+    if key is None:
+        return None
+    quota = getattr(key.user, "quota", None)
+    limits = quota.effective_limits() if quota is not None else _plan_limits(default_plan())
+    return KeyGrant(
+        key_id=key.pk,
+        user_id=key.user_id,
+        username=key.user.get_username(),
+        limits=limits,
+        expires_at=key.expires_at,
+        revoked=key.revoked_at is not None or not key.user.is_active,
+    )
+
+
+def _plan_limits(plan: Plan) -> Limits:
+    return Limits(
+        **{field: getattr(plan, field) for field in LIMIT_FIELDS},
+        allowed_models=tuple(plan.allowed_models or ()),
+    )
+
+
+def write_usage_records(records: list[UsageRecord]) -> int:
+    """Insert a batch of ledger rows; a request id already present is skipped (replay-safe)."""
+    with transaction.atomic():
+        created = UsageRecord.objects.bulk_create(records, ignore_conflicts=True)
+    return len(created)
