@@ -1,0 +1,77 @@
+"""Start real server processes (simulator, Daphne, uvicorn) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{out}")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+@contextmanager
+def running(
+    args: list[str], ready_url: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `args` (python -m … or manage.py …) until the block ends; output goes to a log file."""
+    full_env = {**os.environ, "DEBUG": "1", **(env or {})}
+    log_dir = ROOT / "var" / "test-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{Path(args[0]).name}-{os.getpid()}-{time.monotonic_ns()}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            try:
+                wait_http(ready_url, proc, timeout)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n--- log ---\n{log_path.read_text(errors='replace')}") from exc
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def simulator(
+    model: str = "Qwen/Qwen2.5-7B-Instruct", tokens_per_second: float = 2000.0, ttft_ms: float = 5.0
+) -> Iterator[str]:
+    port = free_port()
+    args = [
+        "manage.py", "simulate_sglang", "--host", "127.0.0.1", "--port", str(port),
+        "--model", model, "--tokens-per-second", str(tokens_per_second), "--ttft-ms", str(ttft_ms),
+    ]  # fmt: skip
+    with running(args, f"http://127.0.0.1:{port}/health"):
+        yield f"http://127.0.0.1:{port}"
