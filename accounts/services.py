@@ -6,8 +6,7 @@ import hashlib
 import secrets
 from datetime import datetime
 
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
@@ -45,7 +44,7 @@ def generate_raw_key() -> str:
 
 
 def create_api_key(
-    user: AbstractBaseUser, name: str = "", expires_at: datetime | None = None
+    user: User, name: str = "", expires_at: datetime | None = None
 ) -> tuple[ApiKey, str]:
     """Create a new random key; the raw key is returned here and never again."""
     raw_key = generate_raw_key()
@@ -59,7 +58,7 @@ def create_api_key(
     return key, raw_key
 
 
-def import_api_key(user: AbstractBaseUser, raw_key: str, name: str = "") -> tuple[ApiKey, bool]:
+def import_api_key(user: User, raw_key: str, name: str = "") -> tuple[ApiKey, bool]:
     """Store a key given in configuration; returns (key, changed). Re-importing is a no-op."""
     key_hash = hash_key(raw_key)
     existing = ApiKey.objects.filter(key_hash=key_hash).first()
@@ -73,7 +72,7 @@ def import_api_key(user: AbstractBaseUser, raw_key: str, name: str = "") -> tupl
         )
         return key, True
     if existing.user_id != user.pk or (name and existing.name != name):
-        existing.user = user  # type: ignore[assignment]
+        existing.user = user
         existing.name = name or existing.name
         existing.save(update_fields=["user", "name"])
         return existing, True
@@ -83,24 +82,29 @@ def import_api_key(user: AbstractBaseUser, raw_key: str, name: str = "") -> tupl
 def revoke_api_keys(keys: list[ApiKey] | None = None, *, key_ids: list[int] | None = None) -> int:
     """Revoke keys; the gateway's key cache drops them within GATEWAY_KEY_CACHE_SECONDS."""
     ids = [k.pk for k in keys or []] + list(key_ids or [])
-    return ApiKey.objects.filter(pk__in=ids, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    return ApiKey.objects.filter(pk__in=ids, revoked_at__isnull=True).update(
+        revoked_at=timezone.now()
+    )
 
 
 def touch_last_used(last_used: dict[int, datetime]) -> None:
-    """Record when keys were last used; called by the ledger writer once per batch, not per request."""
+    """Record when keys were last used: once per ledger batch, never per request."""
     with transaction.atomic():
         for key_id, when in last_used.items():
-            ApiKey.objects.filter(pk=key_id).exclude(last_used_at__gte=when).update(last_used_at=when)
+            ApiKey.objects.filter(pk=key_id).exclude(last_used_at__gte=when).update(
+                last_used_at=when
+            )
 
 
 def quick_start_keys_in_use() -> list[str]:
     """Prefixes of the well-known quick-start keys that are still active."""
     hashes = [hash_key(k) for k in QUICK_START_KEYS]
     return list(
-        ApiKey.objects.filter(key_hash__in=hashes, revoked_at__isnull=True).values_list("prefix", flat=True)
+        ApiKey.objects.filter(key_hash__in=hashes, revoked_at__isnull=True).values_list(
+            "prefix", flat=True
+        )
     )
 
 
-def get_or_create_user(username: str) -> tuple[AbstractBaseUser, bool]:
-    user_model = get_user_model()
-    return user_model.objects.get_or_create(username=username)
+def get_or_create_user(username: str) -> tuple[User, bool]:
+    return User.objects.get_or_create(username=username)

@@ -10,7 +10,10 @@ class ServedModel(models.Model):
     # The name SGLang serves (--served-model-name, else --model-path): sent upstream as is.
     name = models.CharField(_("served model name"), max_length=200, unique=True)
     aliases = models.JSONField(
-        _("aliases"), default=list, blank=True, help_text=_("Other names clients may use, e.g. korean-qwen.")
+        _("aliases"),
+        default=list,
+        blank=True,
+        help_text=_("Other names clients may use, e.g. korean-qwen."),
     )
     upstream_url = models.URLField(
         _("upstream URL"), blank=True, help_text=_("Blank: the SGLANG_URL setting.")

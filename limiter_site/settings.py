@@ -71,7 +71,7 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 
 
 def database_from_url(url: str) -> dict[str, Any]:
-    """Turn `sqlite:///path` or `postgres://user:pw@host:port/name?opt=v` into DATABASES['default']."""
+    """`sqlite:///path` or `postgres://user:pw@host:port/name?opt=v` → DATABASES entry."""
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         path = unquote(parts.path)

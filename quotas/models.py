@@ -61,16 +61,25 @@ class UserQuota(models.Model):
     """A user's plan and optional per-user overrides of any plan field (blank = the plan's)."""
 
     user = models.OneToOneField(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota", verbose_name=_("user")
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="quota",
+        verbose_name=_("user"),
     )
-    plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="quotas", verbose_name=_("plan"))
+    plan = models.ForeignKey(
+        Plan, on_delete=models.PROTECT, related_name="quotas", verbose_name=_("plan")
+    )
     description = models.TextField(_("description"), blank=True)
-    requests_per_minute = models.PositiveIntegerField(_("requests per minute"), null=True, blank=True)
+    requests_per_minute = models.PositiveIntegerField(
+        _("requests per minute"), null=True, blank=True
+    )
     tokens_per_minute = models.PositiveIntegerField(_("tokens per minute"), null=True, blank=True)
     tokens_per_hour = models.PositiveBigIntegerField(_("tokens per hour"), null=True, blank=True)
     tokens_per_day = models.PositiveBigIntegerField(_("tokens per day"), null=True, blank=True)
     cooldown_minutes = models.PositiveIntegerField(_("cooldown minutes"), null=True, blank=True)
-    max_parallel_requests = models.PositiveIntegerField(_("max parallel requests"), null=True, blank=True)
+    max_parallel_requests = models.PositiveIntegerField(
+        _("max parallel requests"), null=True, blank=True
+    )
     allowed_models = models.JSONField(_("allowed models"), null=True, blank=True)
 
     class Meta:
@@ -82,10 +91,14 @@ class UserQuota(models.Model):
 
     def effective_limits(self) -> Limits:
         values = {
-            field: getattr(self, field) if getattr(self, field) is not None else getattr(self.plan, field)
+            field: getattr(self, field)
+            if getattr(self, field) is not None
+            else getattr(self.plan, field)
             for field in LIMIT_FIELDS
         }
-        models_ = self.allowed_models if self.allowed_models is not None else self.plan.allowed_models
+        models_ = (
+            self.allowed_models if self.allowed_models is not None else self.plan.allowed_models
+        )
         return Limits(**values, allowed_models=tuple(models_ or ()))
 
 

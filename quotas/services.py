@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from accounts.models import ApiKey
@@ -23,11 +23,11 @@ class KeyGrant:
     user_id: int
     username: str
     limits: Limits
-    expires_at: datetime | None
+    expires_at: float | None  # epoch seconds: compared on every request, so no datetime maths
     revoked: bool
 
-    def is_usable(self, now: datetime) -> bool:
-        return not self.revoked and (self.expires_at is None or self.expires_at > now)
+    def is_usable_now(self) -> bool:
+        return not self.revoked and (self.expires_at is None or self.expires_at > time.time())
 
 
 def default_plan() -> Plan:
@@ -36,7 +36,7 @@ def default_plan() -> Plan:
 
 
 def set_user_quota(
-    user: AbstractBaseUser, plan: Plan, *, description: str | None = None, **overrides: Any
+    user: User, plan: Plan, *, description: str | None = None, **overrides: Any
 ) -> tuple[UserQuota, bool]:
     """Put a user on a plan with optional overrides; returns (quota, changed)."""
     unknown = set(overrides) - set(LIMIT_FIELDS) - {"allowed_models"}
@@ -77,7 +77,7 @@ def load_key_grant(key_hash: str) -> KeyGrant | None:
         user_id=key.user_id,
         username=key.user.get_username(),
         limits=limits,
-        expires_at=key.expires_at,
+        expires_at=key.expires_at.timestamp() if key.expires_at else None,
         revoked=key.revoked_at is not None or not key.user.is_active,
     )
 

@@ -53,7 +53,9 @@ def running(
             try:
                 wait_http(ready_url, proc, timeout)
             except RuntimeError as exc:
-                raise RuntimeError(f"{exc}\n--- log ---\n{log_path.read_text(errors='replace')}") from exc
+                raise RuntimeError(
+                    f"{exc}\n--- log ---\n{log_path.read_text(errors='replace')}"
+                ) from exc
             yield proc
         finally:
             proc.terminate()

@@ -4,31 +4,69 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='ServedModel',
+            name="ServedModel",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200, unique=True, verbose_name='served model name')),
-                ('aliases', models.JSONField(blank=True, default=list, help_text='Other names clients may use, e.g. korean-qwen.', verbose_name='aliases')),
-                ('upstream_url', models.URLField(blank=True, help_text='Blank: the SGLANG_URL setting.', verbose_name='upstream URL')),
-                ('tokenizer', models.CharField(blank=True, help_text='A local path or model name; blank: the served model name.', max_length=500, verbose_name='tokenizer')),
-                ('context_length', models.PositiveIntegerField(default=32768, verbose_name='context length')),
-                ('korean_factor', models.FloatField(blank=True, null=True, verbose_name='Korean factor')),
-                ('request_timeout_seconds', models.FloatField(default=300.0, verbose_name='request timeout (s)')),
-                ('is_active', models.BooleanField(default=True, verbose_name='active')),
-                ('description', models.TextField(blank=True, verbose_name='description')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(max_length=200, unique=True, verbose_name="served model name"),
+                ),
+                (
+                    "aliases",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text="Other names clients may use, e.g. korean-qwen.",
+                        verbose_name="aliases",
+                    ),
+                ),
+                (
+                    "upstream_url",
+                    models.URLField(
+                        blank=True,
+                        help_text="Blank: the SGLANG_URL setting.",
+                        verbose_name="upstream URL",
+                    ),
+                ),
+                (
+                    "tokenizer",
+                    models.CharField(
+                        blank=True,
+                        help_text="A local path or model name; blank: the served model name.",
+                        max_length=500,
+                        verbose_name="tokenizer",
+                    ),
+                ),
+                (
+                    "context_length",
+                    models.PositiveIntegerField(default=32768, verbose_name="context length"),
+                ),
+                (
+                    "korean_factor",
+                    models.FloatField(blank=True, null=True, verbose_name="Korean factor"),
+                ),
+                (
+                    "request_timeout_seconds",
+                    models.FloatField(default=300.0, verbose_name="request timeout (s)"),
+                ),
+                ("is_active", models.BooleanField(default=True, verbose_name="active")),
+                ("description", models.TextField(blank=True, verbose_name="description")),
             ],
             options={
-                'verbose_name': 'served model',
-                'verbose_name_plural': 'served models',
-                'ordering': ['name'],
+                "verbose_name": "served model",
+                "verbose_name_plural": "served models",
+                "ordering": ["name"],
             },
         ),
     ]

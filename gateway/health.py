@@ -1,0 +1,104 @@
+"""`GET /health`: the state of the gateway, the upstream, the database and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from django.conf import settings
+from django.db import connection
+
+from gateway.caches import run_db
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+CHECK_TIMEOUT = 2.0
+
+
+async def report(gateway: Gateway) -> dict[str, Any]:
+    database, redis_state = await asyncio.gather(_database(), _redis())
+    try:
+        models = await asyncio.wait_for(gateway.catalog.models(), CHECK_TIMEOUT)
+    except Exception:
+        models = gateway.catalog.snapshot()
+    upstreams = sorted({m.upstream_url for m in models} or {settings.SGLANG_URL})
+    upstream_states = await asyncio.gather(*(_upstream(gateway, url) for url in upstreams))
+    warnings = []
+    if not models:
+        warnings.append("no served models configured: run `manage.py import_config config/*.yaml`")
+    serving = (
+        database["ok"]
+        and redis_state["ok"] is not False
+        and all(u["ok"] for u in upstream_states)
+        and bool(models)
+    )
+    return {
+        "status": "ok" if serving else "unavailable",
+        "gateway": {
+            "in_flight": gateway.in_flight,
+            "ledger_pending": gateway.ledger.pending,
+            "ledger_dropped": gateway.ledger.dropped,
+        },
+        "upstreams": upstream_states,
+        "database": database,
+        "redis": redis_state,
+        "models": [
+            {
+                "name": m.name,
+                "aliases": list(m.aliases),
+                "token_counter": gateway.counters.source(m),
+            }
+            for m in models
+        ],
+        "warnings": warnings,
+    }
+
+
+async def _timed(check: Any) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        detail = await asyncio.wait_for(check, CHECK_TIMEOUT)
+    except Exception as exc:
+        return {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"[:300]}
+    result = {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+    if isinstance(detail, dict):
+        result.update(detail)
+    return result
+
+
+async def _database() -> dict[str, Any]:
+    def ping() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+
+    state = await _timed(run_db(ping))
+    return {"vendor": connection.vendor, **state}
+
+
+async def _redis() -> dict[str, Any]:
+    if not settings.REDIS_URL:
+        return {"ok": None, "mode": "embedded (REDIS_URL not set)"}
+    import redis.asyncio as aioredis
+
+    async def ping() -> None:
+        client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=CHECK_TIMEOUT)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    return await _timed(ping())
+
+
+async def _upstream(gateway: Gateway, url: str) -> dict[str, Any]:
+    async def get() -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT)
+        async with gateway.upstream.session().get(f"{url}/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}")
+            return {}
+
+    return {"url": url, **(await _timed(get()))}

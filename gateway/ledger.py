@@ -1,0 +1,152 @@
+"""Usage events leave the request path as a list append; a thread writes them in batches.
+
+The request path pays for one `deque.append`; the writer thread turns pending events into
+ledger rows every GATEWAY_LEDGER_FLUSH_SECONDS with one INSERT per batch (replay-safe by request
+id) and one UPDATE per key for `last_used_at`. If the database is down the events stay queued
+and are retried; at process exit whatever is pending is written once more.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from django.db import close_old_connections
+
+log = logging.getLogger(__name__)
+BATCH_SIZE = 1000
+
+
+@dataclass(slots=True)
+class UsageEvent:
+    request_id: str
+    user_id: int
+    key_id: int
+    model: str
+    endpoint: str
+    status_code: int
+    streamed: bool
+    started_at: float  # epoch seconds
+    finished_at: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    estimated_prompt_tokens: int = 0
+    usage_source: str = "upstream"
+    error_type: str = ""
+    client_disconnected: bool = False
+    upstream_latency_ms: float | None = None
+    ttft_ms: float | None = None
+
+
+class LedgerWriter:
+    def __init__(self, flush_seconds: float, max_pending: int) -> None:
+        self._flush_seconds = flush_seconds
+        self._max_pending = max_pending
+        self._pending: deque[UsageEvent] = deque()
+        self._lock = threading.Lock()  # one writer at a time (thread and explicit flushes)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+        self.written = 0
+
+    def record(self, event: UsageEvent) -> None:
+        if len(self._pending) >= self._max_pending:
+            # Bounded memory beats an out-of-memory crash that would lose everything pending.
+            self.dropped += 1
+            log.error("ledger backlog full (%d); dropping %s", self._max_pending, event.request_id)
+            return
+        self._pending.append(event)
+        if self._thread is None:
+            self._start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> int:
+        """Write everything pending now; returns the number of events written."""
+        written = 0
+        with self._lock:
+            while self._pending:
+                batch = [
+                    self._pending.popleft() for _ in range(min(BATCH_SIZE, len(self._pending)))
+                ]
+                try:
+                    _write_batch(batch)
+                except Exception:
+                    self._pending.extendleft(reversed(batch))
+                    raise
+                written += len(batch)
+        self.written += written
+        return written
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._thread.start()
+        atexit.register(self._flush_at_exit)
+
+    def _run(self) -> None:
+        backoff = self._flush_seconds
+        while True:
+            self._wake.wait(backoff)
+            self._wake.clear()
+            try:
+                self.flush()
+                backoff = self._flush_seconds
+            except Exception:
+                backoff = min(backoff * 2, 30.0)
+                log.exception("ledger write failed; %d events kept, retrying", self.pending)
+            finally:
+                close_old_connections()
+
+    def _flush_at_exit(self) -> None:
+        try:
+            self.flush()
+        except Exception:
+            log.exception("ledger: %d events could not be written at exit", self.pending)
+
+
+def _write_batch(batch: list[UsageEvent]) -> None:
+    from accounts.services import touch_last_used
+    from quotas.models import UsageRecord
+    from quotas.services import write_usage_records
+
+    rows = [
+        UsageRecord(
+            request_id=e.request_id,
+            user_id=e.user_id,
+            api_key_id=e.key_id,
+            model=e.model,
+            endpoint=e.endpoint,
+            prompt_tokens=e.prompt_tokens,
+            completion_tokens=e.completion_tokens,
+            cached_tokens=e.cached_tokens,
+            estimated_prompt_tokens=e.estimated_prompt_tokens,
+            usage_source=e.usage_source,
+            status_code=e.status_code,
+            error_type=e.error_type,
+            streamed=e.streamed,
+            client_disconnected=e.client_disconnected,
+            started_at=_aware(e.started_at),
+            finished_at=_aware(e.finished_at),
+            upstream_latency_ms=e.upstream_latency_ms,
+            time_to_first_token_ms=e.ttft_ms,
+        )
+        for e in batch
+    ]
+    write_usage_records(rows)
+    last_used: dict[int, datetime] = {}
+    for e in batch:
+        when = _aware(e.started_at)
+        if e.key_id not in last_used or last_used[e.key_id] < when:
+            last_used[e.key_id] = when
+    touch_last_used(last_used)
+
+
+def _aware(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, tz=UTC)

@@ -1,0 +1,19 @@
+"""ASGI entry point: `daphne -b 127.0.0.1 -p 8080 limiter_site.asgi:application`.
+
+`/v1/…` and `/health` go straight to the gateway's raw ASGI app; everything else is Django.
+"""
+
+import os
+
+from channels.routing import ProtocolTypeRouter
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "limiter_site.settings")
+django_app = get_asgi_application()
+
+from gateway.app import Gateway  # noqa: E402  (needs Django set up first)
+from gateway.mount import mount_gateway, refuse_insecure_settings  # noqa: E402
+
+refuse_insecure_settings()
+gateway = Gateway()
+application = ProtocolTypeRouter({"http": mount_gateway(gateway, django_app), "lifespan": gateway})
