@@ -112,11 +112,22 @@ class UsageRecord(models.Model):
     """One row per request that reached the gateway with a valid key; written in batches."""
 
     request_id = models.CharField(_("request id"), max_length=64, unique=True)
+    # No database constraint: the ledger is append-only history, written in batches after the
+    # fact; deleting a user or key must neither cascade into billing data nor make a pending
+    # batch fail on a foreign key.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="usage_records"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
+        related_name="usage_records",
     )
     api_key = models.ForeignKey(
-        "accounts.ApiKey", on_delete=models.SET_NULL, null=True, related_name="usage_records"
+        "accounts.ApiKey",
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
+        related_name="usage_records",
     )
     model = models.CharField(_("model"), max_length=200)
     endpoint = models.CharField(_("endpoint"), max_length=40)
