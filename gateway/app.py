@@ -202,7 +202,7 @@ class Gateway:
 
     async def health(self, scope: Scope, receive: Receive, out: Responder) -> None:
         report = await health.report(self)
-        await out.json(200 if report["status"] == "ok" else 503, report)
+        await out.json(503 if report["status"] == "unavailable" else 200, report)
 
 
 def _allowed(model: ModelInfo, grant: KeyGrant) -> bool:

@@ -29,14 +29,19 @@ async def report(gateway: Gateway) -> dict[str, Any]:
     warnings = []
     if not models:
         warnings.append("no served models configured: run `manage.py import_config config/*.yaml`")
+    # One model's GPU being down must not pull the whole gateway out of a load balancer: it
+    # serves while its own dependencies are up and at least one upstream answers.
     serving = (
-        database["ok"]
-        and redis_state["ok"] is not False
-        and all(u["ok"] for u in upstream_states)
-        and bool(models)
+        database["ok"] and redis_state["ok"] is not False and any(u["ok"] for u in upstream_states)
     )
+    if not serving:
+        status = "unavailable"
+    elif all(u["ok"] for u in upstream_states) and models:
+        status = "ok"
+    else:
+        status = "degraded"
     return {
-        "status": "ok" if serving else "unavailable",
+        "status": status,
         "gateway": {
             "in_flight": gateway.in_flight,
             "ledger_pending": gateway.ledger.pending,

@@ -1,0 +1,142 @@
+"""A running world for end-to-end tests: SGLang simulators and a Daphne gateway as processes.
+
+Data is created once per module and committed (the gateway process reads it through its own
+database connection), then removed at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from tests.procs import free_port, running, simulator
+
+FAST_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+SLOW_MODEL = "Qwen/Qwen2.5-7B-Instruct-slow"
+
+
+def database_url_for_subprocess() -> str:
+    """The test database (already created by pytest-django) as a DATABASE_URL."""
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@dataclass
+class World:
+    url: str
+    keys: dict[str, str]
+    fast_upstream: str
+    slow_upstream: str
+    dead_upstream: str
+    db_blocker: Any
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+    def db(self) -> Any:
+        return self.db_blocker.unblock()
+
+    def ledger_row(self, request_id: str, timeout: float = 10.0) -> Any:
+        from quotas.models import UsageRecord
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.db():
+                row = UsageRecord.objects.filter(request_id=request_id).first()
+            if row is not None:
+                return row
+            time.sleep(0.1)
+        raise AssertionError(f"no ledger row for {request_id} after {timeout}s")
+
+
+def make_user(username: str, **overrides: Any) -> tuple[Any, str]:
+    from accounts.services import create_api_key, get_or_create_user
+    from quotas.services import default_plan, set_user_quota
+
+    user, _ = get_or_create_user(username)
+    set_user_quota(user, default_plan(), **overrides)
+    _, raw = create_api_key(user, name=f"{username} test key")
+    return user, raw
+
+
+def make_models(fast: str, slow: str, dead: str) -> None:
+    from gateway.models import ServedModel
+
+    ServedModel.objects.update_or_create(
+        name=FAST_MODEL, defaults={"aliases": ["korean-qwen"], "upstream_url": fast}
+    )
+    ServedModel.objects.update_or_create(
+        name=SLOW_MODEL, defaults={"aliases": ["slow-qwen"], "upstream_url": slow}
+    )
+    ServedModel.objects.update_or_create(
+        name="dead-model", defaults={"upstream_url": dead, "tokenizer": ""}
+    )
+    ServedModel.objects.update_or_create(
+        name="impatient-model",
+        defaults={"upstream_url": slow, "request_timeout_seconds": 0.5},
+    )
+
+
+def remove_world_data(usernames: list[str]) -> None:
+    from django.contrib.auth.models import User
+
+    from gateway.models import ServedModel
+    from quotas.models import UsageRecord
+
+    users = User.objects.filter(username__in=usernames)
+    UsageRecord.objects.filter(user__in=users).delete()
+    users.delete()
+    ServedModel.objects.filter(
+        name__in=[FAST_MODEL, SLOW_MODEL, "dead-model", "impatient-model"]
+    ).delete()
+
+
+@pytest.fixture(scope="module")
+def world(django_db_setup: None, django_db_blocker: Any) -> Iterator[World]:
+    usernames = ["한국어개발자", "사용자1", "restricted"]
+    with ExitStack() as stack:
+        fast = stack.enter_context(simulator(FAST_MODEL, tokens_per_second=0, ttft_ms=0))
+        slow = stack.enter_context(simulator(SLOW_MODEL, tokens_per_second=20, ttft_ms=10))
+        dead = f"http://127.0.0.1:{free_port()}"
+        with django_db_blocker.unblock():
+            make_models(fast, slow, dead)
+            keys = {
+                "dev": make_user("한국어개발자")[1],
+                "user1": make_user("사용자1")[1],
+                "restricted": make_user("restricted", allowed_models=["korean-qwen"])[1],
+            }
+            database_url = database_url_for_subprocess()
+        port = free_port()
+        stack.enter_context(
+            running(
+                ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "limiter_site.asgi:application"],
+                f"http://127.0.0.1:{port}/health",
+                env={
+                    "DATABASE_URL": database_url,
+                    "SGLANG_URL": fast,
+                    "GATEWAY_MAX_BODY_BYTES": str(256 * 1024),
+                    "GATEWAY_LEDGER_FLUSH_SECONDS": "0.1",
+                },
+            )
+        )
+        yield World(
+            url=f"http://127.0.0.1:{port}",
+            keys=keys,
+            fast_upstream=fast,
+            slow_upstream=slow,
+            dead_upstream=dead,
+            db_blocker=django_db_blocker,
+        )
+    with django_db_blocker.unblock():
+        remove_world_data(usernames)

@@ -1,0 +1,348 @@
+"""End to end: the official `openai` SDK → Daphne running the gateway → the SGLang simulator.
+
+Every process is real (see conftest.py); only the GPU is simulated.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from quotas.tokens import get_counter
+from tests.gateway.conftest import FAST_MODEL, World
+
+pytestmark = pytest.mark.slow
+
+KOREAN_CHAT = [
+    {"role": "system", "content": "당신은 친절한 한국어 도우미입니다."},
+    {"role": "user", "content": "서울의 오늘 날씨를 알려 주세요. 그리고 점심 메뉴도 추천해 주세요."},
+]
+
+
+def sdk(world: World, key: str | None = None, **kwargs: object) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=world.v1, api_key=key or world.keys["dev"], max_retries=0, **kwargs
+    )
+
+
+def post(world: World, path: str, body: object, key: str | None = "dev", **kw: object):
+    headers = {"Authorization": f"Bearer {world.keys[key]}"} if key else {}
+    return httpx.post(f"{world.v1}{path}", json=body, headers=headers, timeout=30, **kw)
+
+
+def metric(upstream: str, name: str) -> float:
+    text = httpx.get(f"{upstream}/metrics", timeout=5).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                total += sample.value
+    return total
+
+
+def test_model_list_shows_served_names_and_aliases(world: World) -> None:
+    ids = {m.id for m in sdk(world).models.list()}
+    assert {FAST_MODEL, "korean-qwen", "slow-qwen"} <= ids
+
+
+def test_model_list_honours_the_plans_allowed_models(world: World) -> None:
+    ids = {m.id for m in sdk(world, world.keys["restricted"]).models.list()}
+    assert ids == {FAST_MODEL, "korean-qwen"}
+    with pytest.raises(openai.NotFoundError):
+        sdk(world, world.keys["restricted"]).chat.completions.create(
+            model="slow-qwen", messages=KOREAN_CHAT, max_tokens=5
+        )
+
+
+def test_chat_through_sdk_is_billed_what_the_tokenizer_counts(world: World) -> None:
+    response = sdk(world).chat.completions.with_raw_response.create(
+        model="korean-qwen", messages=KOREAN_CHAT, max_tokens=12
+    )
+    completion = response.parse()
+    expected_prompt = get_counter(FAST_MODEL).count_chat(KOREAN_CHAT)
+    assert completion.choices[0].message.content
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == expected_prompt
+    assert completion.usage.completion_tokens == 12
+    row = world.ledger_row(response.headers["x-request-id"])
+    assert row.prompt_tokens == expected_prompt == row.estimated_prompt_tokens
+    assert row.completion_tokens == 12
+    assert row.status_code == 200 and not row.streamed
+    assert row.usage_source == "upstream"
+    assert row.model == FAST_MODEL and row.user.username == "한국어개발자"
+    assert row.upstream_latency_ms is not None
+
+
+def test_stream_without_usage_request_hides_the_usage_chunk(world: World) -> None:
+    stream = sdk(world).chat.completions.with_raw_response.create(
+        model="korean-qwen", messages=KOREAN_CHAT, max_tokens=8, stream=True
+    )
+    chunks = list(stream.parse())
+    assert all(c.usage is None for c in chunks)
+    assert all(c.choices for c in chunks)
+    content_chunks = [c for c in chunks if c.choices[0].delta.content]
+    assert len(content_chunks) == 8
+    row = world.ledger_row(stream.headers["x-request-id"])
+    assert row.streamed and row.completion_tokens == 8
+    assert row.prompt_tokens == get_counter(FAST_MODEL).count_chat(KOREAN_CHAT)
+    assert row.usage_source == "upstream"
+    assert row.time_to_first_token_ms is not None
+
+
+def test_stream_with_usage_request_keeps_the_usage_chunk_and_done(world: World) -> None:
+    body = {
+        "model": "korean-qwen",
+        "messages": KOREAN_CHAT,
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    headers = {"Authorization": f"Bearer {world.keys['dev']}"}
+    with httpx.stream("POST", f"{world.v1}/chat/completions", json=body, headers=headers) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2].removeprefix("data: "))
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
+
+
+def test_completions_endpoint(world: World) -> None:
+    completion = sdk(world).completions.create(
+        model="korean-qwen", prompt="대한민국의 수도는", max_tokens=4
+    )
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == get_counter(FAST_MODEL).count_text("대한민국의 수도는")
+    assert completion.usage.completion_tokens == 4
+
+
+def test_other_parameters_pass_through_untouched(world: World) -> None:
+    body = {
+        "model": "korean-qwen",
+        "messages": KOREAN_CHAT,
+        "max_tokens": 3,
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "stop": ["끝"],
+        "regex": "[가-힣]+",
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    assert post(world, "/chat/completions", body).status_code == 200
+    seen = httpx.get(f"{world.fast_upstream}/sim/last_request", timeout=5).json()
+    for field in ("temperature", "top_p", "stop", "regex", "chat_template_kwargs", "max_tokens"):
+        assert seen[field] == body[field]
+    assert seen["model"] == FAST_MODEL  # the alias is resolved to the served name
+
+
+@pytest.mark.parametrize(
+    ("authorization", "code"),
+    [
+        (None, "missing_api_key"),
+        ("Bearer sk-not-a-real-key-0000000000", "invalid_api_key"),
+        ("Basic dXNlcjpwYXNz", "invalid_api_key"),
+        ("Bearer ", "invalid_api_key"),
+    ],
+)
+def test_bad_keys_are_401_in_openai_shape(world: World, authorization: str | None, code: str) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    response = httpx.post(
+        f"{world.v1}/chat/completions",
+        json={"model": "korean-qwen", "messages": KOREAN_CHAT},
+        headers=headers,
+    )
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+
+
+def test_sdk_sees_authentication_error(world: World) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        sdk(world, "sk-wrong").chat.completions.create(model="korean-qwen", messages=KOREAN_CHAT)
+
+
+def test_revoked_key_stops_working_within_five_seconds(world: World) -> None:
+    from accounts.models import ApiKey
+    from accounts.services import hash_key, revoke_api_keys
+
+    from .conftest import make_user
+
+    with world.db():
+        _, raw = make_user("revoked-soon")
+    client = sdk(world, raw)
+    client.models.list()  # now cached in the gateway
+    with world.db():
+        revoke_api_keys(list(ApiKey.objects.filter(key_hash=hash_key(raw))))
+    revoked_at = time.monotonic()
+    while True:
+        try:
+            client.models.list()
+        except openai.AuthenticationError:
+            break
+        assert time.monotonic() - revoked_at < 5.0, "revoked key still accepted after 5 s"
+        time.sleep(0.2)
+
+
+def test_expired_key_is_401(world: World) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from accounts.services import create_api_key, get_or_create_user
+
+    with world.db():
+        user, _ = get_or_create_user("expired-key-user")
+        _, raw = create_api_key(user, expires_at=timezone.now() - timedelta(seconds=1))
+    with pytest.raises(openai.AuthenticationError):
+        sdk(world, raw).models.list()
+
+
+def test_sdk_sees_bad_request_for_empty_messages(world: World) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(world).chat.completions.create(model="korean-qwen", messages=[])
+    assert caught.value.body["param"] == "messages"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"{", b"[]", b'"text"', b"\xff\xfe", b'{"model": 5, "messages": []}'],
+)
+def test_malformed_bodies_are_400_without_traceback(world: World, raw: bytes) -> None:
+    response = httpx.post(
+        f"{world.v1}/chat/completions",
+        content=raw,
+        headers={"Authorization": f"Bearer {world.keys['dev']}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "Traceback" not in response.text
+
+
+def test_unknown_model_is_404_model_not_found(world: World) -> None:
+    response = post(world, "/chat/completions", {"model": "gpt-17", "messages": KOREAN_CHAT})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_oversized_body_is_413(world: World) -> None:
+    big = "가" * (300 * 1024 // 3)
+    response = post(world, "/chat/completions", {"model": "korean-qwen", "messages": [{"role": "user", "content": big}]})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_path_and_wrong_method(world: World) -> None:
+    assert httpx.get(f"{world.v1}/nothing-here").status_code == 404
+    response = httpx.get(f"{world.v1}/chat/completions")
+    assert response.status_code == 405
+    assert "error" in response.json()
+
+
+def test_upstream_flat_error_is_rewritten_with_same_status(world: World) -> None:
+    long_prompt = "안녕하세요 " * 20000  # beyond the simulator's 32k context
+    response = post(
+        world, "/chat/completions", {"model": "korean-qwen", "messages": [{"role": "user", "content": long_prompt}]}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    row = world.ledger_row(response.headers["x-request-id"])
+    assert row.status_code == 400 and row.completion_tokens == 0
+
+
+def test_upstream_down_is_502(world: World) -> None:
+    response = post(world, "/chat/completions", {"model": "dead-model", "messages": KOREAN_CHAT})
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "upstream_error"
+    row = world.ledger_row(response.headers["x-request-id"])
+    assert row.status_code == 502 and row.prompt_tokens == 0 and row.usage_source == "none"
+
+
+def test_upstream_timeout_is_504(world: World) -> None:
+    body = {"model": "impatient-model", "messages": KOREAN_CHAT, "sim": {"delay_ms": 3000}}
+    response = post(world, "/chat/completions", body)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_upstream_without_stream_usage_is_counted_by_the_gateway(world: World) -> None:
+    """The llama.cpp server sends no usage in streams: the gateway counts the completion."""
+    body = {
+        "model": "korean-qwen",
+        "messages": KOREAN_CHAT,
+        "max_tokens": 9,
+        "stream": True,
+        "sim": {"no_usage": True},
+    }
+    headers = {"Authorization": f"Bearer {world.keys['dev']}"}
+    with httpx.stream("POST", f"{world.v1}/chat/completions", json=body, headers=headers) as r:
+        request_id = r.headers["x-request-id"]
+        text = "".join(
+            json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            for line in r.iter_lines()
+            if line.startswith("data: {")
+        )
+    row = world.ledger_row(request_id)
+    assert row.usage_source == "gateway"
+    assert row.completion_tokens == get_counter(FAST_MODEL).count_text(text) == 9
+    assert row.prompt_tokens == get_counter(FAST_MODEL).count_chat(KOREAN_CHAT)
+
+
+def test_client_disconnect_aborts_upstream_within_a_second_and_is_recorded(world: World) -> None:
+    aborted_before = metric(world.slow_upstream, "sglang:num_aborted_requests_total")
+    body = json.dumps(
+        {"model": "slow-qwen", "messages": KOREAN_CHAT, "max_tokens": 500, "stream": True}
+    ).encode()
+    host, port = world.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {world.keys['user1']}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    received = b""
+    while received.count(b'"content"') < 4:  # a few tokens at 20 tokens/s
+        received += sock.recv(65536)
+    request_id = received.split(b"x-request-id: ")[1].split(b"\r\n")[0].decode()
+    sock.close()
+    closed_at = time.monotonic()
+    while metric(world.slow_upstream, "sglang:num_aborted_requests_total") <= aborted_before:
+        assert time.monotonic() - closed_at < 1.0, "upstream still generating 1 s after disconnect"
+        time.sleep(0.05)
+    row = world.ledger_row(request_id)
+    assert row.client_disconnected and row.streamed
+    assert 3 <= row.completion_tokens < 100
+    assert row.usage_source == "gateway"
+    assert row.prompt_tokens == get_counter(FAST_MODEL).count_chat(KOREAN_CHAT)
+
+
+def test_health_reports_every_part(world: World) -> None:
+    response = httpx.get(f"{world.url}/health")
+    report = response.json()
+    assert report["database"]["ok"] is True
+    assert report["redis"]["ok"] is None  # the gateway process runs without REDIS_URL here
+    by_url = {u["url"]: u["ok"] for u in report["upstreams"]}
+    assert by_url[world.fast_upstream] is True
+    assert by_url[world.dead_upstream] is False  # dead-model's upstream is down
+    assert response.status_code == 200 and report["status"] == "degraded"
+    counters = {m["name"]: m["token_counter"] for m in report["models"]}
+    assert counters[FAST_MODEL].startswith("tokenizer")
+
+
+def test_health_is_503_when_the_database_is_unreachable(tmp_path) -> None:
+    from tests.procs import free_port, running
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/health"
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/missing-dir/db.sqlite3", "SGLANG_URL": "http://127.0.0.1:9"}
+    with running(["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "limiter_site.asgi:application"], url, env):
+        response = httpx.get(url, timeout=10)
+    assert response.status_code == 503
+    report = response.json()
+    assert report["status"] == "unavailable" and report["database"]["ok"] is False
