@@ -25,6 +25,14 @@ class ApiKey(models.Model):
     last_used_at = models.DateTimeField(_("last used"), null=True, blank=True)
     expires_at = models.DateTimeField(_("expires"), null=True, blank=True)
     revoked_at = models.DateTimeField(_("revoked"), null=True, blank=True)
+    # Optional limits for this key alone, tighter than its user's (blank = only the user's).
+    requests_per_minute = models.PositiveIntegerField(_("requests per minute"), null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(_("tokens per minute"), null=True, blank=True)
+    tokens_per_hour = models.PositiveBigIntegerField(_("tokens per hour"), null=True, blank=True)
+    tokens_per_day = models.PositiveBigIntegerField(_("tokens per day"), null=True, blank=True)
+    max_parallel_requests = models.PositiveIntegerField(
+        _("max parallel requests"), null=True, blank=True
+    )
     # Marks keys that came from config/ (import_config), e.g. the well-known quick-start keys.
     imported = models.BooleanField(_("imported from configuration"), default=False)
 

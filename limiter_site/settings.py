@@ -212,6 +212,18 @@ GATEWAY_UPSTREAM_POOL_SIZE = env_int("GATEWAY_UPSTREAM_POOL_SIZE", 1000, minimum
 GATEWAY_LEDGER_FLUSH_SECONDS = env_float("GATEWAY_LEDGER_FLUSH_SECONDS", 0.5, minimum=0.01)
 GATEWAY_LEDGER_MAX_PENDING = env_int("GATEWAY_LEDGER_MAX_PENDING", 100_000, minimum=100)
 
+# --- Limits (quotas/limiter*.py) ---------------------------------------------------------------
+# Calendar days for tokens-per-day start at midnight here.
+LIMITER_TIME_ZONE = env_str("LIMITER_TIME_ZONE", "Asia/Seoul")
+# Redis down: "closed" refuses with 503, "open" admits and logs. Decided within the timeout.
+LIMITER_ON_REDIS_FAILURE = env_choice("LIMITER_ON_REDIS_FAILURE", "closed", ("closed", "open"))
+LIMITER_REDIS_TIMEOUT = env_float("LIMITER_REDIS_TIMEOUT", 0.25, minimum=0.01)
+# A reservation's lease: renewed every third of it while the request runs; a dead gateway's
+# reservations and parallel slots are released when it runs out.
+LIMITER_LEASE_SECONDS = env_float("LIMITER_LEASE_SECONDS", 60.0, minimum=1.0)
+# Reserved for the completion when a request sets no max_tokens (capped by remaining context).
+LIMITER_DEFAULT_MAX_TOKENS = env_int("LIMITER_DEFAULT_MAX_TOKENS", 4096, minimum=1)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -23,6 +23,7 @@ class KeyGrant:
     user_id: int
     username: str
     limits: Limits
+    key_limits: Limits | None  # the key's own tighter limits, if it has any
     expires_at: float | None  # epoch seconds: compared on every request, so no datetime maths
     revoked: bool
 
@@ -77,8 +78,28 @@ def load_key_grant(key_hash: str) -> KeyGrant | None:
         user_id=key.user_id,
         username=key.user.get_username(),
         limits=limits,
+        key_limits=_key_limits(key, limits),
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
         revoked=key.revoked_at is not None or not key.user.is_active,
+    )
+
+
+KEY_LIMIT_FIELDS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "tokens_per_hour",
+    "tokens_per_day",
+    "max_parallel_requests",
+)
+
+
+def _key_limits(key: ApiKey, user_limits: Limits) -> Limits | None:
+    values = {field: getattr(key, field) for field in KEY_LIMIT_FIELDS}
+    if all(v is None for v in values.values()):
+        return None
+    return Limits(
+        **{field: value or 0 for field, value in values.items()},
+        cooldown_minutes=user_limits.cooldown_minutes,
     )
 
 

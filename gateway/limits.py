@@ -1,0 +1,156 @@
+"""The gateway's use of the limiter: admission before the call, settlement after, leases kept
+alive while a request runs, the Redis-down policy, and the 429 a client sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from zoneinfo import ZoneInfo
+
+from django.conf import settings
+
+from gateway.errors import GatewayError
+from quotas.limiter import (
+    COOLDOWN,
+    PARALLEL,
+    REQUESTS,
+    TOKENS,
+    TOKENS_DAY,
+    TOKENS_HOUR,
+    TOO_LARGE,
+    Backend,
+    Clock,
+    Day,
+    Decision,
+    LimiterUnavailable,
+    Scope,
+    ratelimit_headers,
+    system_clock,
+)
+from quotas.services import KeyGrant
+
+log = logging.getLogger(__name__)
+
+WINDOW_NAMES = {
+    REQUESTS: "requests per min (RPM)",
+    TOKENS: "tokens per min (TPM)",
+    TOKENS_HOUR: "tokens per hour (TPH)",
+    TOKENS_DAY: "tokens per day (TPD)",
+    PARALLEL: "parallel requests",
+}
+
+
+def make_backend() -> Backend:
+    if settings.REDIS_URL:
+        from quotas.limiter_redis import RedisBackend
+
+        return RedisBackend(settings.REDIS_URL, settings.LIMITER_REDIS_TIMEOUT)
+    from quotas.limiter_memory import MemoryBackend
+
+    return MemoryBackend()
+
+
+class Limits:
+    def __init__(self, backend: Backend, clock: Clock = system_clock) -> None:
+        self.backend = backend
+        self.clock = clock
+        self.zone = ZoneInfo(settings.LIMITER_TIME_ZONE)
+        self.lease = settings.LIMITER_LEASE_SECONDS
+        self.fail_open = settings.LIMITER_ON_REDIS_FAILURE == "open"
+        self.active: dict[str, list[Scope]] = {}
+        self._renewer: asyncio.Task[None] | None = None
+
+    def scopes(self, grant: KeyGrant) -> list[Scope]:
+        scopes = [Scope(f"u:{grant.user_id}", grant.limits)]
+        if grant.key_limits is not None:
+            scopes.append(Scope(f"u:{grant.user_id}:k:{grant.key_id}", grant.key_limits))
+        return scopes
+
+    async def admit(self, grant: KeyGrant, rid: str, tokens: int, model: str) -> Decision | None:
+        """The decision (None when Redis is down and the policy is `open`); raises a 429/503."""
+        scopes = self.scopes(grant)
+        now = self.clock()
+        try:
+            decision = await self.backend.admit(scopes, rid, tokens, now, self.lease, Day.at(now, self.zone))
+        except LimiterUnavailable as exc:
+            if self.fail_open:
+                log.error("limiter unavailable, admitting (LIMITER_ON_REDIS_FAILURE=open): %s", exc)
+                return None
+            log.error("limiter unavailable, refusing: %s", exc)
+            raise GatewayError(
+                503,
+                "Rate limits cannot be checked right now; please retry shortly.",
+                type_="service_unavailable",
+                code="limiter_unavailable",
+                headers=[(b"retry-after", b"1")],
+            ) from None
+        if not decision.admitted:
+            raise refusal(decision, model)
+        self.active[rid] = scopes
+        self._ensure_renewer()
+        return decision
+
+    async def settle(self, grant: KeyGrant, rid: str, tokens: int) -> None:
+        scopes = self.active.pop(rid, None) or self.scopes(grant)
+        now = self.clock()
+        try:
+            await self.backend.settle(scopes, rid, tokens, now, Day.at(now, self.zone))
+        except LimiterUnavailable:
+            # The lease will run out and release the reservation; the ledger still has the row.
+            log.error("could not settle %s (%d tokens): limiter unavailable", rid, tokens)
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.ensure_future(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        # Leases outlive a request only while this process is alive to renew them.
+        while self.active:
+            await asyncio.sleep(self.lease / 3)
+            with contextlib.suppress(LimiterUnavailable):
+                await self.backend.renew(dict(self.active), self.clock(), self.lease)
+
+
+def refusal(decision: Decision, model: str) -> GatewayError:
+    retry = max(decision.retry_after, 0.0)
+    seconds = f"{retry:.2f}".rstrip("0").rstrip(".") + "s"
+    should_retry = b"true"
+    code = "rate_limit_exceeded"
+    kind = decision.kind
+    if kind == TOO_LARGE:
+        message = (
+            f"Request too large for {model}: Limit {decision.limit}, Requested "
+            f"{decision.requested}. The input or output tokens must be reduced in order to run "
+            "successfully."
+        )
+        should_retry = b"false"
+        kind = TOKENS
+    elif kind == COOLDOWN:
+        message = (
+            f"Rate limit cooldown in effect for {model}: a limit was exceeded recently. "
+            f"Please try again in {seconds}."
+        )
+    elif kind == TOKENS_DAY:
+        message = (
+            f"You exceeded your daily token quota for {model}: Limit {decision.limit}, Used "
+            f"{decision.used}, Requested {decision.requested}. The quota resets at midnight "
+            f"({settings.LIMITER_TIME_ZONE}), in {seconds}."
+        )
+        should_retry = b"false"
+        code = "insufficient_quota"
+    else:
+        message = (
+            f"Rate limit reached for {model} on {WINDOW_NAMES[kind]}: Limit {decision.limit}, "
+            f"Used {decision.used}, Requested {decision.requested}. "
+            f"Please try again in {seconds}."
+        )
+    headers = [
+        (b"retry-after", str(math.ceil(retry)).encode()),
+        (b"retry-after-ms", str(math.ceil(retry * 1000)).encode()),
+        (b"x-should-retry", should_retry),
+        *ratelimit_headers(decision.state),
+    ]
+    return GatewayError(429, message, type_=kind, code=code, headers=headers)

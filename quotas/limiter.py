@@ -1,0 +1,179 @@
+"""Multi-window admission and settlement: the types, the policy and what clients are told.
+
+Semantics (the same in both backends, proven by one contract test suite):
+- Windows per scope (a user; optionally also one key with tighter limits): requests per minute
+  and tokens per minute over a rolling 60 s, tokens per hour over a rolling 3,600 s (exact
+  sliding logs, not buckets), tokens per day per calendar day in LIMITER_TIME_ZONE
+  (Asia/Seoul), and requests in flight. A limit of 0 means "no limit".
+- Admission reserves prompt + max_tokens against every window of every scope at once, all or
+  nothing. Settlement replaces the reservation with what the upstream billed: a refund goes
+  back to the window the reservation was charged to, an overrun is charged (at once, to the
+  current windows if the original entry has already left them), a failure before any output
+  releases it. Every reservation holds a lease that the gateway renews while the request
+  runs; if the gateway dies, the lease runs out and the slot and tokens are released.
+- Cooldown starts when a request is refused by the requests, tokens (minute or hour) or
+  parallel limit: for `cooldown_minutes` from that refusal every request of that scope is
+  refused. Refusals during a cooldown do not extend it; it ends at its end time, by itself.
+  A request too large for a whole window and an exhausted daily quota do not start one: the
+  first is the client's mistake, the second already lasts until midnight.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+from quotas.models import Limits
+
+MINUTE = 60.0
+HOUR = 3600.0
+
+# Refusal kinds, also the `type` of OpenAI's 429 body.
+REQUESTS = "requests"
+TOKENS = "tokens"
+TOKENS_HOUR = "tokens_per_hour"
+TOKENS_DAY = "tokens_per_day"
+PARALLEL = "parallel_requests"
+COOLDOWN = "cooldown"
+TOO_LARGE = "request_too_large"
+STARTS_COOLDOWN = frozenset({REQUESTS, TOKENS, TOKENS_HOUR, PARALLEL})
+
+Clock = Callable[[], float]
+
+
+class LimiterUnavailable(Exception):
+    """The shared limiter state cannot be reached in time (Redis down)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """One set of counters: `u:<user id>` or `u:<user id>:k:<key id>` (same Redis hash slot)."""
+
+    key: str
+    limits: Limits
+
+
+@dataclass(slots=True)
+class WindowState:
+    """A scope's windows after a decision, for the x-ratelimit-* headers."""
+
+    limit_requests: int = 0
+    remaining_requests: int = 0
+    reset_requests: float = 0.0
+    limit_tokens: int = 0
+    remaining_tokens: int = 0
+    reset_tokens: float = 0.0
+    limit_tokens_hour: int = 0
+    remaining_tokens_hour: int = 0
+    reset_tokens_hour: float = 0.0
+    limit_tokens_day: int = 0
+    remaining_tokens_day: int = 0
+    reset_tokens_day: float = 0.0
+
+
+@dataclass(slots=True)
+class Decision:
+    admitted: bool
+    kind: str = ""  # why it was refused
+    retry_after: float = 0.0
+    limit: int = 0
+    used: int = 0
+    requested: int = 0
+    state: WindowState = field(default_factory=WindowState)
+
+
+class Backend(Protocol):
+    async def admit(
+        self, scopes: list[Scope], rid: str, tokens: int, now: float, lease: float, day: Day
+    ) -> Decision: ...
+
+    async def settle(self, scopes: list[Scope], rid: str, tokens: int, now: float, day: Day) -> None: ...
+
+    async def renew(self, scopes_by_rid: dict[str, list[Scope]], now: float, lease: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Day:
+    """The local calendar day at `now`: its name (for keys) and seconds until it ends."""
+
+    name: str
+    ends_in: float
+
+    @classmethod
+    def at(cls, now: float, zone: ZoneInfo) -> Day:
+        local = datetime.fromtimestamp(now, zone)
+        midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), zone)
+        return cls(local.strftime("%Y%m%d"), midnight.timestamp() - now)
+
+
+def system_clock() -> float:
+    return time.time()
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: `1s`, `6m0s`, `1h2m3s`, `250ms`."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def ratelimit_headers(state: WindowState) -> list[tuple[bytes, bytes]]:
+    values = [
+        ("x-ratelimit-limit-requests", str(state.limit_requests)),
+        ("x-ratelimit-remaining-requests", str(state.remaining_requests)),
+        ("x-ratelimit-reset-requests", format_duration(state.reset_requests)),
+        ("x-ratelimit-limit-tokens", str(state.limit_tokens)),
+        ("x-ratelimit-remaining-tokens", str(state.remaining_tokens)),
+        ("x-ratelimit-reset-tokens", format_duration(state.reset_tokens)),
+        ("x-ratelimit-limit-tokens-hour", str(state.limit_tokens_hour)),
+        ("x-ratelimit-remaining-tokens-hour", str(state.remaining_tokens_hour)),
+        ("x-ratelimit-reset-tokens-hour", format_duration(state.reset_tokens_hour)),
+        ("x-ratelimit-limit-tokens-day", str(state.limit_tokens_day)),
+        ("x-ratelimit-remaining-tokens-day", str(state.remaining_tokens_day)),
+        ("x-ratelimit-reset-tokens-day", format_duration(state.reset_tokens_day)),
+    ]
+    return [(k.encode(), v.encode()) for k, v in values]
+
+
+def merge_states(states: list[WindowState]) -> WindowState:
+    """Headers for several scopes: the tightest remaining of each window wins."""
+    merged = states[0]
+    for other in states[1:]:
+        for window in ("requests", "tokens", "tokens_hour", "tokens_day"):
+            if getattr(other, f"remaining_{window}") < getattr(merged, f"remaining_{window}") or (
+                getattr(merged, f"limit_{window}") == 0 and getattr(other, f"limit_{window}") > 0
+            ):
+                for part in ("limit", "remaining", "reset"):
+                    setattr(merged, f"{part}_{window}", getattr(other, f"{part}_{window}"))
+    return merged
+
+
+def reservation_for(prompt_tokens: int, body: dict[str, object], context_length: int, cap: int) -> int:
+    """Prompt + the most the request may generate.
+
+    Without max_tokens (or, for chat, max_completion_tokens) the request may generate up to the
+    model's remaining context; the reservation is capped at `cap` (LIMITER_DEFAULT_MAX_TOKENS)
+    so that one such request does not lock a small plan out, and any overrun is charged at
+    settlement.
+    """
+    explicit = [
+        v
+        for v in (body.get("max_tokens"), body.get("max_completion_tokens"))
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0
+    ]
+    completion = min(explicit) if explicit else min(max(context_length - prompt_tokens, 0), cap)
+    return prompt_tokens + completion

@@ -1,0 +1,120 @@
+"""The Redis limiter backend: every gateway replica shares one state, one round trip a decision.
+
+Each call runs quotas/limiter.lua (EVALSHA) with a short socket timeout, so a dead Redis is
+noticed within LIMITER_REDIS_TIMEOUT and reported as LimiterUnavailable; redis-py reconnects
+on the next call, so recovery needs no restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from quotas.limiter import Day, Decision, LimiterUnavailable, Scope, WindowState
+
+LUA = (Path(__file__).with_name("limiter.lua")).read_text()
+KEY_NAMES = ("r", "m", "h", "a", "d", "p", "c")
+
+
+def scope_keys(scope: Scope, day: Day) -> list[str]:
+    # `u:12` or `u:12:k:5`; the user part is the hash tag so a user's keys share a slot.
+    tag, _, key_part = scope.key.partition(":k:")
+    base = f"lim:{{{tag}}}" + (f":k:{key_part}" if key_part else "")
+    return [f"{base}:d:{day.name}" if name == "d" else f"{base}:{name}" for name in KEY_NAMES]
+
+
+def scope_args(scope: Scope) -> list[int]:
+    limits = scope.limits
+    return [
+        limits.requests_per_minute,
+        limits.tokens_per_minute,
+        limits.tokens_per_hour,
+        limits.tokens_per_day,
+        limits.max_parallel_requests,
+        limits.cooldown_minutes * 60,
+    ]
+
+
+class RedisBackend:
+    def __init__(self, url: str, timeout: float = 0.25) -> None:
+        self.timeout = timeout
+        self.client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        )
+        self.script = self.client.register_script(LUA)
+
+    async def _run(
+        self, scopes: list[Scope], op: str, rid: str, tokens: int, now: float, lease: float, day: Day
+    ) -> Any:
+        keys = [k for scope in scopes for k in scope_keys(scope, day)]
+        args: list[Any] = [op, repr(now), rid, tokens, repr(lease), day.name, repr(day.ends_in)]
+        args.append(len(scopes))
+        args.extend(a for scope in scopes for a in scope_args(scope))
+        try:
+            return await asyncio.wait_for(self.script(keys=keys, args=args), self.timeout * 2)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise LimiterUnavailable(f"{exc.__class__.__name__}: {exc}") from exc
+
+    async def admit(
+        self, scopes: list[Scope], rid: str, tokens: int, now: float, lease: float, day: Day
+    ) -> Decision:
+        raw = await self._run(scopes, "admit", rid, tokens, now, lease, day)
+        head, per_scope = raw[:6], raw[6:]
+        states = [_state(scope, per_scope[i * 8 : i * 8 + 8]) for i, scope in enumerate(scopes)]
+        from quotas.limiter import merge_states
+
+        return Decision(
+            admitted=bool(int(head[0])),
+            kind=_text(head[1]),
+            retry_after=float(head[2]),
+            limit=int(head[3]),
+            used=int(head[4]),
+            requested=int(head[5]),
+            state=merge_states(states),
+        )
+
+    async def settle(self, scopes: list[Scope], rid: str, tokens: int, now: float, day: Day) -> None:
+        await self._run(scopes, "settle", rid, tokens, now, 0.0, day)
+
+    async def renew(self, scopes_by_rid: dict[str, list[Scope]], now: float, lease: float) -> None:
+        # One call per user (its keys share a slot); ids are joined into one argument.
+        groups: dict[tuple[Scope, ...], list[str]] = {}
+        for rid, scopes in scopes_by_rid.items():
+            groups.setdefault(tuple(scopes), []).append(rid)
+        day = Day("renew", 0.0)  # renew touches no day counter
+        for scopes, rids in groups.items():
+            await self._run(list(scopes), "renew", " ".join(rids), 0, now, lease, day)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _state(scope: Scope, values: list[Any]) -> WindowState:
+    limits = scope.limits
+    requests, reset_r, used_m, reset_m, used_h, reset_h, used_d, reset_d = values
+
+    def remaining(limit: int, used: Any) -> int:
+        return max(limit - int(used), 0) if limit else 0
+
+    return WindowState(
+        limit_requests=limits.requests_per_minute,
+        remaining_requests=remaining(limits.requests_per_minute, requests),
+        reset_requests=float(reset_r),
+        limit_tokens=limits.tokens_per_minute,
+        remaining_tokens=remaining(limits.tokens_per_minute, used_m),
+        reset_tokens=float(reset_m),
+        limit_tokens_hour=limits.tokens_per_hour,
+        remaining_tokens_hour=remaining(limits.tokens_per_hour, used_h),
+        reset_tokens_hour=float(reset_h),
+        limit_tokens_day=limits.tokens_per_day,
+        remaining_tokens_day=remaining(limits.tokens_per_day, used_d),
+        reset_tokens_day=float(reset_d),
+    )
