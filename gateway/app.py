@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -18,7 +19,6 @@ from django.conf import settings
 from gateway import health
 from gateway.asgi_io import (
     ClientDisconnected,
-    Headers,
     Receive,
     Responder,
     Scope,
@@ -29,10 +29,12 @@ from gateway.asgi_io import (
 from gateway.caches import KeyCache, ModelCatalog, ModelInfo
 from gateway.counting import Counters
 from gateway.errors import GatewayError
-from gateway.ledger import LedgerWriter
+from gateway.ledger import LedgerWriter, UsageEvent
+from gateway.limits import Limits, make_backend
 from gateway.proxy import CHAT, COMPLETIONS, Call, Proxy
 from gateway.upstream import Upstream
 from gateway.validation import parse_json_object, require_model, validate_chat, validate_completion
+from quotas.limiter import Clock, ratelimit_headers, reservation_for, system_clock
 from quotas.services import KeyGrant
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def not_found(model: str) -> GatewayError:
 
 
 class Gateway:
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = system_clock) -> None:
         self.keys = KeyCache(settings.GATEWAY_KEY_CACHE_SECONDS)
         self.catalog = ModelCatalog(settings.SGLANG_URL)
         self.counters = Counters()
@@ -59,7 +61,8 @@ class Gateway:
             settings.GATEWAY_LEDGER_FLUSH_SECONDS, settings.GATEWAY_LEDGER_MAX_PENDING
         )
         self.upstream = Upstream()
-        self.proxy = Proxy(self.upstream, self.counters, self.ledger)
+        self.limits = Limits(make_backend(), clock)
+        self.proxy = Proxy(self.upstream, self.counters, self.ledger, self.limits)
         self.in_flight = 0
         self.routes: dict[str, tuple[str, Handler]] = {
             "/v1/chat/completions": ("POST", self.chat_completions),
@@ -151,6 +154,24 @@ class Gateway:
         self, scope: Scope, receive: Receive, out: Responder, endpoint: str
     ) -> None:
         grant = await self.authenticate(scope)
+        request_id = uuid.uuid4().hex
+        started = time.time()
+        try:
+            call = await self._admit(scope, receive, grant, endpoint, request_id)
+        except GatewayError as exc:
+            # Refused after authentication: still one ledger row (429s by kind, 4xx by type).
+            exc.headers.append((b"x-request-id", request_id.encode()))
+            self.ledger.record(refused_event(request_id, grant, endpoint, started, exc))
+            raise
+        self.in_flight += 1
+        try:
+            await self.proxy.run(call, receive, out)
+        finally:
+            self.in_flight -= 1
+
+    async def _admit(
+        self, scope: Scope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str
+    ) -> Call:
         body = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
         data = parse_json_object(body)
         requested = require_model(data)
@@ -159,7 +180,7 @@ class Gateway:
         stream = bool(data.get("stream"))
         options = data.get("stream_options") or {}
         call = Call(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id,
             grant=grant,
             model=model,
             endpoint=endpoint,
@@ -168,12 +189,14 @@ class Gateway:
             client_wants_usage=bool(options.get("include_usage")) or not stream,
         )
         call.prompt_count = await self.counters.count_prompt(model, endpoint, data, len(body))
-        headers: Headers = [(b"x-request-id", call.request_id.encode())]
-        self.in_flight += 1
-        try:
-            await self.proxy.run(call, receive, out, headers)
-        finally:
-            self.in_flight -= 1
+        call.reserved = reservation_for(
+            call.prompt_count, data, model.context_length, settings.LIMITER_DEFAULT_MAX_TOKENS
+        )
+        decision = await self.limits.admit(grant, request_id, call.reserved, requested)
+        call.headers = [(b"x-request-id", request_id.encode())]
+        if decision is not None:
+            call.headers.extend(ratelimit_headers(decision.state))
+        return call
 
     async def _resolve(self, requested: str, grant: KeyGrant) -> ModelInfo:
         model = await self.catalog.resolve(requested)
@@ -203,6 +226,24 @@ class Gateway:
     async def health(self, scope: Scope, receive: Receive, out: Responder) -> None:
         report = await health.report(self)
         await out.json(503 if report["status"] == "unavailable" else 200, report)
+
+
+def refused_event(
+    request_id: str, grant: KeyGrant, endpoint: str, started: float, exc: GatewayError
+) -> UsageEvent:
+    return UsageEvent(
+        request_id=request_id,
+        user_id=grant.user_id,
+        key_id=grant.key_id,
+        model="",
+        endpoint=endpoint,
+        status_code=exc.status,
+        streamed=False,
+        started_at=started,
+        finished_at=time.time(),
+        usage_source="none",
+        error_type=exc.type,
+    )
 
 
 def _allowed(model: ModelInfo, grant: KeyGrant) -> bool:

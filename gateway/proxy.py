@@ -23,6 +23,7 @@ from gateway.caches import ModelInfo
 from gateway.counting import Counters
 from gateway.errors import GatewayError, error_body, rewrite_upstream_error
 from gateway.ledger import LedgerWriter, UsageEvent
+from gateway.limits import Limits
 from gateway.sse import EventSplitter, StreamAccount, Usage, response_usage
 from gateway.upstream import Upstream, timed_out, timeouts, unreachable
 from quotas.services import KeyGrant
@@ -45,6 +46,8 @@ class Call:
     started_at: float = field(default_factory=time.time)
     started_perf: float = field(default_factory=time.perf_counter)
     prompt_count: int = 0
+    reserved: int = 0
+    headers: Headers = field(default_factory=list)
     status: int = 0
     error_type: str = ""
     usage: Usage | None = None
@@ -68,14 +71,17 @@ def prepare_upstream_body(call: Call) -> bytes:
 
 
 class Proxy:
-    def __init__(self, upstream: Upstream, counters: Counters, ledger: LedgerWriter) -> None:
+    def __init__(
+        self, upstream: Upstream, counters: Counters, ledger: LedgerWriter, limits: Limits
+    ) -> None:
         self.upstream = upstream
         self.counters = counters
         self.ledger = ledger
+        self.limits = limits
 
-    async def run(self, call: Call, receive: Receive, out: Responder, headers: Headers) -> None:
-        """Relay the call while watching for the client leaving; always records the call."""
-        relay = asyncio.ensure_future(self._relay(call, out, headers))
+    async def run(self, call: Call, receive: Receive, out: Responder) -> None:
+        """Relay the call while watching for the client leaving; always settles and records."""
+        relay = asyncio.ensure_future(self._relay(call, out, call.headers))
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             await asyncio.wait({relay, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -182,6 +188,10 @@ class Proxy:
                 prompt_tokens=call.prompt_count if produced else 0, completion_tokens=completion
             )
             source = "gateway" if produced else "none"
+        # Replace the reservation with what was used: a refund, an overrun, or (nothing was
+        # produced) a full release.
+        used = usage.prompt_tokens + usage.completion_tokens
+        await self.limits.settle(call.grant, call.request_id, used)
         if call.client_disconnected and call.status == 0:
             call.status = 499  # nginx's "client closed request": nothing was sent back
         self.ledger.record(

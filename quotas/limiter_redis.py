@@ -14,7 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from quotas.limiter import Day, Decision, LimiterUnavailable, Scope, WindowState
+from quotas.limiter import Day, Decision, LimiterUnavailable, Scope, WindowState, merge_states
 
 LUA = (Path(__file__).with_name("limiter.lua")).read_text()
 KEY_NAMES = ("r", "m", "h", "a", "d", "p", "c")
@@ -48,7 +48,14 @@ class RedisBackend:
         self.script = self.client.register_script(LUA)
 
     async def _run(
-        self, scopes: list[Scope], op: str, rid: str, tokens: int, now: float, lease: float, day: Day
+        self,
+        scopes: list[Scope],
+        op: str,
+        rid: str,
+        tokens: int,
+        now: float,
+        lease: float,
+        day: Day,
     ) -> Any:
         keys = [k for scope in scopes for k in scope_keys(scope, day)]
         args: list[Any] = [op, repr(now), rid, tokens, repr(lease), day.name, repr(day.ends_in)]
@@ -65,8 +72,6 @@ class RedisBackend:
         raw = await self._run(scopes, "admit", rid, tokens, now, lease, day)
         head, per_scope = raw[:6], raw[6:]
         states = [_state(scope, per_scope[i * 8 : i * 8 + 8]) for i, scope in enumerate(scopes)]
-        from quotas.limiter import merge_states
-
         return Decision(
             admitted=bool(int(head[0])),
             kind=_text(head[1]),
@@ -77,7 +82,9 @@ class RedisBackend:
             state=merge_states(states),
         )
 
-    async def settle(self, scopes: list[Scope], rid: str, tokens: int, now: float, day: Day) -> None:
+    async def settle(
+        self, scopes: list[Scope], rid: str, tokens: int, now: float, day: Day
+    ) -> None:
         await self._run(scopes, "settle", rid, tokens, now, 0.0, day)
 
     async def renew(self, scopes_by_rid: dict[str, list[Scope]], now: float, lease: float) -> None:
@@ -86,8 +93,8 @@ class RedisBackend:
         for rid, scopes in scopes_by_rid.items():
             groups.setdefault(tuple(scopes), []).append(rid)
         day = Day("renew", 0.0)  # renew touches no day counter
-        for scopes, rids in groups.items():
-            await self._run(list(scopes), "renew", " ".join(rids), 0, now, lease, day)
+        for group, rids in groups.items():
+            await self._run(list(group), "renew", " ".join(rids), 0, now, lease, day)
 
     async def close(self) -> None:
         await self.client.aclose()

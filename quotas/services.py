@@ -94,12 +94,16 @@ KEY_LIMIT_FIELDS = (
 
 
 def _key_limits(key: ApiKey, user_limits: Limits) -> Limits | None:
-    values = {field: getattr(key, field) for field in KEY_LIMIT_FIELDS}
+    values: dict[str, int | None] = {field: getattr(key, field) for field in KEY_LIMIT_FIELDS}
     if all(v is None for v in values.values()):
         return None
     return Limits(
-        **{field: value or 0 for field, value in values.items()},
+        requests_per_minute=values["requests_per_minute"] or 0,
+        tokens_per_minute=values["tokens_per_minute"] or 0,
+        tokens_per_hour=values["tokens_per_hour"] or 0,
+        tokens_per_day=values["tokens_per_day"] or 0,
         cooldown_minutes=user_limits.cooldown_minutes,
+        max_parallel_requests=values["max_parallel_requests"] or 0,
     )
 
 

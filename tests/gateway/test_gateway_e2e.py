@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow
 
 KOREAN_CHAT = [
     {"role": "system", "content": "당신은 친절한 한국어 도우미입니다."},
-    {"role": "user", "content": "서울의 오늘 날씨를 알려 주세요. 그리고 점심 메뉴도 추천해 주세요."},
+    {
+        "role": "user",
+        "content": "서울의 오늘 날씨를 알려 주세요. 그리고 점심 메뉴도 추천해 주세요.",
+    },
 ]
 
 
@@ -148,7 +151,9 @@ def test_other_parameters_pass_through_untouched(world: World) -> None:
         ("Bearer ", "invalid_api_key"),
     ],
 )
-def test_bad_keys_are_401_in_openai_shape(world: World, authorization: str | None, code: str) -> None:
+def test_bad_keys_are_401_in_openai_shape(
+    world: World, authorization: str | None, code: str
+) -> None:
     headers = {"Authorization": authorization} if authorization else {}
     response = httpx.post(
         f"{world.v1}/chat/completions",
@@ -216,7 +221,10 @@ def test_malformed_bodies_are_400_without_traceback(world: World, raw: bytes) ->
     response = httpx.post(
         f"{world.v1}/chat/completions",
         content=raw,
-        headers={"Authorization": f"Bearer {world.keys['dev']}", "Content-Type": "application/json"},
+        headers={
+            "Authorization": f"Bearer {world.keys['dev']}",
+            "Content-Type": "application/json",
+        },
     )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
@@ -231,7 +239,11 @@ def test_unknown_model_is_404_model_not_found(world: World) -> None:
 
 def test_oversized_body_is_413(world: World) -> None:
     big = "가" * (300 * 1024 // 3)
-    response = post(world, "/chat/completions", {"model": "korean-qwen", "messages": [{"role": "user", "content": big}]})
+    response = post(
+        world,
+        "/chat/completions",
+        {"model": "korean-qwen", "messages": [{"role": "user", "content": big}]},
+    )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
 
@@ -246,7 +258,9 @@ def test_unknown_path_and_wrong_method(world: World) -> None:
 def test_upstream_flat_error_is_rewritten_with_same_status(world: World) -> None:
     long_prompt = "안녕하세요 " * 20000  # beyond the simulator's 32k context
     response = post(
-        world, "/chat/completions", {"model": "korean-qwen", "messages": [{"role": "user", "content": long_prompt}]}
+        world,
+        "/chat/completions",
+        {"model": "korean-qwen", "messages": [{"role": "user", "content": long_prompt}]},
     )
     assert response.status_code == 400
     error = response.json()["error"]
@@ -301,11 +315,11 @@ def test_client_disconnect_aborts_upstream_within_a_second_and_is_recorded(world
     ).encode()
     host, port = world.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Authorization: Bearer {world.keys['user1']}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {world.keys['user1']}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
+    sock.sendall(head.encode() + body)
     received = b""
     while received.count(b'"content"') < 4:  # a few tokens at 20 tokens/s
         received += sock.recv(65536)
@@ -340,8 +354,15 @@ def test_health_is_503_when_the_database_is_unreachable(tmp_path) -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/health"
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/missing-dir/db.sqlite3", "SGLANG_URL": "http://127.0.0.1:9"}
-    with running(["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "limiter_site.asgi:application"], url, env):
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/missing-dir/db.sqlite3",
+        "SGLANG_URL": "http://127.0.0.1:9",
+    }
+    with running(
+        ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "limiter_site.asgi:application"],
+        url,
+        env,
+    ):
         response = httpx.get(url, timeout=10)
     assert response.status_code == 503
     report = response.json()

@@ -37,14 +37,14 @@ LEASE = 60.0
 
 
 def limits(**overrides: int) -> Limits:
-    values = dict(
-        requests_per_minute=0,
-        tokens_per_minute=0,
-        tokens_per_hour=0,
-        tokens_per_day=0,
-        cooldown_minutes=0,
-        max_parallel_requests=0,
-    )
+    values = {
+        "requests_per_minute": 0,
+        "tokens_per_minute": 0,
+        "tokens_per_hour": 0,
+        "tokens_per_day": 0,
+        "cooldown_minutes": 0,
+        "max_parallel_requests": 0,
+    }
     values.update(overrides)
     return Limits(**values)
 
@@ -69,7 +69,9 @@ class Harness:
             self.scopes.append(Scope(f"{user}:k:1", key_limits))
         self.loop = asyncio.new_event_loop()
 
-    def admit(self, tokens: int, at: float, rid: str | None = None, lease: float = LEASE) -> Outcome:
+    def admit(
+        self, tokens: int, at: float, rid: str | None = None, lease: float = LEASE
+    ) -> Outcome:
         rid = rid or uuid.uuid4().hex
         decision = self.loop.run_until_complete(
             self.backend.admit(self.scopes, rid, tokens, at, lease, Day.at(at, SEOUL))
@@ -129,7 +131,11 @@ def test_tokens_per_minute_rolls_and_says_when(make) -> None:
     assert h.admit(600, T0).admitted
     assert h.admit(300, T0 + 20).admitted
     refused = h.admit(500, T0 + 30)
-    assert refused.kind == TOKENS and (refused.limit, refused.used, refused.requested) == (1000, 900, 500)
+    assert refused.kind == TOKENS and (refused.limit, refused.used, refused.requested) == (
+        1000,
+        900,
+        500,
+    )
     assert refused.retry_after == pytest.approx(30.0)  # when the 600 leave
     assert h.admit(500, T0 + 60).admitted
     assert refused.state.remaining_tokens == 100
@@ -297,7 +303,15 @@ def test_backends_agree_on_a_random_workload() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0s"), (0.25, "250ms"), (1, "1s"), (9.66, "10s"), (60, "1m0s"), (360, "6m0s"), (3725, "1h2m5s")],
+    [
+        (0, "0s"),
+        (0.25, "250ms"),
+        (1, "1s"),
+        (9.66, "10s"),
+        (60, "1m0s"),
+        (360, "6m0s"),
+        (3725, "1h2m5s"),
+    ],
 )
 def test_reset_durations_look_like_openais(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
