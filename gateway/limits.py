@@ -47,7 +47,9 @@ def make_backend() -> Backend:
     if settings.REDIS_URL:
         from quotas.limiter_redis import RedisBackend
 
-        return RedisBackend(settings.REDIS_URL, settings.LIMITER_REDIS_TIMEOUT)
+        return RedisBackend(
+            settings.REDIS_URL, settings.LIMITER_REDIS_TIMEOUT, settings.LIMITER_REDIS_PREFIX
+        )
     from quotas.limiter_memory import MemoryBackend
 
     return MemoryBackend()
@@ -74,7 +76,9 @@ class Limits:
         scopes = self.scopes(grant)
         now = self.clock()
         try:
-            decision = await self.backend.admit(scopes, rid, tokens, now, self.lease, Day.at(now, self.zone))
+            decision = await self.backend.admit(
+                scopes, rid, tokens, now, self.lease, Day.at(now, self.zone)
+            )
         except LimiterUnavailable as exc:
             if self.fail_open:
                 log.error("limiter unavailable, admitting (LIMITER_ON_REDIS_FAILURE=open): %s", exc)

@@ -218,6 +218,8 @@ LIMITER_TIME_ZONE = env_str("LIMITER_TIME_ZONE", "Asia/Seoul")
 # Redis down: "closed" refuses with 503, "open" admits and logs. Decided within the timeout.
 LIMITER_ON_REDIS_FAILURE = env_choice("LIMITER_ON_REDIS_FAILURE", "closed", ("closed", "open"))
 LIMITER_REDIS_TIMEOUT = env_float("LIMITER_REDIS_TIMEOUT", 0.25, minimum=0.01)
+# Lets several deployments (or test runs) share one Redis without sharing counters.
+LIMITER_REDIS_PREFIX = env_str("LIMITER_REDIS_PREFIX", "lim")
 # A reservation's lease: renewed every third of it while the request runs; a dead gateway's
 # reservations and parallel slots are released when it runs out.
 LIMITER_LEASE_SECONDS = env_float("LIMITER_LEASE_SECONDS", 60.0, minimum=1.0)

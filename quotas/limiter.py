@@ -92,9 +92,13 @@ class Backend(Protocol):
         self, scopes: list[Scope], rid: str, tokens: int, now: float, lease: float, day: Day
     ) -> Decision: ...
 
-    async def settle(self, scopes: list[Scope], rid: str, tokens: int, now: float, day: Day) -> None: ...
+    async def settle(
+        self, scopes: list[Scope], rid: str, tokens: int, now: float, day: Day
+    ) -> None: ...
 
-    async def renew(self, scopes_by_rid: dict[str, list[Scope]], now: float, lease: float) -> None: ...
+    async def renew(
+        self, scopes_by_rid: dict[str, list[Scope]], now: float, lease: float
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +166,9 @@ def merge_states(states: list[WindowState]) -> WindowState:
     return merged
 
 
-def reservation_for(prompt_tokens: int, body: dict[str, object], context_length: int, cap: int) -> int:
+def reservation_for(
+    prompt_tokens: int, body: dict[str, object], context_length: int, cap: int
+) -> int:
     """Prompt + the most the request may generate.
 
     Without max_tokens (or, for chat, max_completion_tokens) the request may generate up to the

@@ -104,7 +104,9 @@ class MemoryBackend:
                     cooldown = scope.limits.cooldown_minutes * 60.0
                     state.cooldown_until = now + cooldown
                     refusal.retry_after = max(refusal.retry_after, cooldown)
-                refusal.state = merge_states([_window_state(s, st, now, day) for s, st in zip(scopes, states, strict=True)])
+                refusal.state = merge_states(
+                    [_window_state(s, st, now, day) for s, st in zip(scopes, states, strict=True)]
+                )
                 return refusal
         for state in states:
             state.requests.add(rid, now, 1)
@@ -116,10 +118,14 @@ class MemoryBackend:
         return Decision(
             admitted=True,
             requested=tokens,
-            state=merge_states([_window_state(s, st, now, day) for s, st in zip(scopes, states, strict=True)]),
+            state=merge_states(
+                [_window_state(s, st, now, day) for s, st in zip(scopes, states, strict=True)]
+            ),
         )
 
-    async def settle(self, scopes: list[Scope], rid: str, tokens: int, now: float, day: Day) -> None:
+    async def settle(
+        self, scopes: list[Scope], rid: str, tokens: int, now: float, day: Day
+    ) -> None:
         for scope in scopes:
             state = self._state(scope, now, day)
             reserved, reserved_day = state.reservations.pop(rid, (0, ""))
@@ -172,7 +178,9 @@ def _check(scope: Scope, state: ScopeState, tokens: int, now: float, day: Day) -
         if limit and tokens > limit:
             return Decision(False, TOO_LARGE, 0.0, limit=limit, used=0, requested=tokens)
     if limits.tokens_per_day and state.day_total + tokens > limits.tokens_per_day:
-        return Decision(False, TOKENS_DAY, day.ends_in, limits.tokens_per_day, state.day_total, tokens)
+        return Decision(
+            False, TOKENS_DAY, day.ends_in, limits.tokens_per_day, state.day_total, tokens
+        )
     if limits.max_parallel_requests and len(state.leases) >= limits.max_parallel_requests:
         return Decision(False, PARALLEL, 1.0, limits.max_parallel_requests, len(state.leases), 1)
     if limits.requests_per_minute and state.requests.total + 1 > limits.requests_per_minute:
@@ -183,7 +191,9 @@ def _check(scope: Scope, state: ScopeState, tokens: int, now: float, day: Day) -
         (TOKENS_HOUR, state.hour, limits.tokens_per_hour),
     ):
         if limit and log.total + tokens > limit:
-            return Decision(False, kind, log.retry_after(now, tokens, limit), limit, log.total, tokens)
+            return Decision(
+                False, kind, log.retry_after(now, tokens, limit), limit, log.total, tokens
+            )
     return None
 
 

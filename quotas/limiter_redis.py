@@ -20,10 +20,10 @@ LUA = (Path(__file__).with_name("limiter.lua")).read_text()
 KEY_NAMES = ("r", "m", "h", "a", "d", "p", "c")
 
 
-def scope_keys(scope: Scope, day: Day) -> list[str]:
+def scope_keys(scope: Scope, day: Day, prefix: str = "lim") -> list[str]:
     # `u:12` or `u:12:k:5`; the user part is the hash tag so a user's keys share a slot.
     tag, _, key_part = scope.key.partition(":k:")
-    base = f"lim:{{{tag}}}" + (f":k:{key_part}" if key_part else "")
+    base = f"{prefix}:{{{tag}}}" + (f":k:{key_part}" if key_part else "")
     return [f"{base}:d:{day.name}" if name == "d" else f"{base}:{name}" for name in KEY_NAMES]
 
 
@@ -40,8 +40,9 @@ def scope_args(scope: Scope) -> list[int]:
 
 
 class RedisBackend:
-    def __init__(self, url: str, timeout: float = 0.25) -> None:
+    def __init__(self, url: str, timeout: float = 0.25, prefix: str = "lim") -> None:
         self.timeout = timeout
+        self.prefix = prefix
         self.client = aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
         )
@@ -57,7 +58,7 @@ class RedisBackend:
         lease: float,
         day: Day,
     ) -> Any:
-        keys = [k for scope in scopes for k in scope_keys(scope, day)]
+        keys = [k for scope in scopes for k in scope_keys(scope, day, self.prefix)]
         args: list[Any] = [op, repr(now), rid, tokens, repr(lease), day.name, repr(day.ends_in)]
         args.append(len(scopes))
         args.extend(a for scope in scopes for a in scope_args(scope))
