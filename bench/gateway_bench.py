@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,7 +150,11 @@ def seed() -> str:
 
 
 def measure(w: dict[str, str | int], seconds: float, rounds: int) -> dict[tuple[str, str], Result]:
-    scenarios = [("1 client", 1, False), ("32 clients", 32, False), ("stream TTFB, 8 clients", 8, True)]
+    scenarios = [
+        ("1 client", 1, False),
+        ("32 clients", 32, False),
+        ("stream TTFB, 8 clients", 8, True),
+    ]
     results: dict[tuple[str, str], list[Result]] = {}
     for _ in range(rounds):
         for label, clients, stream in scenarios:

@@ -37,7 +37,9 @@ class TokenLog:
     total: int = 0
 
     def trim(self, now: float) -> None:
-        for entry_id in list(self.entries):
+        # Entries are in time order, so only the expired head is visited: O(1) amortised.
+        while self.entries:
+            entry_id = next(iter(self.entries))
             when, amount = self.entries[entry_id]
             if when > now - self.window:
                 break
@@ -61,7 +63,7 @@ class TokenLog:
     def reset_in(self, now: float) -> float:
         if not self.entries:
             return 0.0
-        newest = max(when for when, _ in self.entries.values())
+        newest = next(reversed(self.entries.values()))[0]  # entries are in time order
         return newest + self.window - now
 
 
@@ -108,10 +110,14 @@ class MemoryBackend:
                     [_window_state(s, st, now, day) for s, st in zip(scopes, states, strict=True)]
                 )
                 return refusal
-        for state in states:
-            state.requests.add(rid, now, 1)
-            state.minute.add(rid, now, tokens)
-            state.hour.add(rid, now, tokens)
+        for scope, state in zip(scopes, states, strict=True):
+            # A window without a limit keeps no log: an unlimited user costs no memory.
+            if scope.limits.requests_per_minute:
+                state.requests.add(rid, now, 1)
+            if scope.limits.tokens_per_minute:
+                state.minute.add(rid, now, tokens)
+            if scope.limits.tokens_per_hour:
+                state.hour.add(rid, now, tokens)
             state.day_total += tokens
             state.leases[rid] = now + lease
             state.reservations[rid] = (tokens, day.name)
@@ -131,8 +137,12 @@ class MemoryBackend:
             reserved, reserved_day = state.reservations.pop(rid, (0, ""))
             state.leases.pop(rid, None)
             delta = tokens - reserved
-            for log in (state.minute, state.hour):
-                _adjust(log, rid, delta, now)
+            for log, limit in (
+                (state.minute, scope.limits.tokens_per_minute),
+                (state.hour, scope.limits.tokens_per_hour),
+            ):
+                if limit:
+                    _adjust(log, rid, delta, now)
             state.day_total = max(state.day_total + _day_change(reserved_day, day, delta), 0)
 
     async def renew(self, scopes_by_rid: dict[str, list[Scope]], now: float, lease: float) -> None:
