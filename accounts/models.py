@@ -26,7 +26,9 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(_("expires"), null=True, blank=True)
     revoked_at = models.DateTimeField(_("revoked"), null=True, blank=True)
     # Optional limits for this key alone, tighter than its user's (blank = only the user's).
-    requests_per_minute = models.PositiveIntegerField(_("requests per minute"), null=True, blank=True)
+    requests_per_minute = models.PositiveIntegerField(
+        _("requests per minute"), null=True, blank=True
+    )
     tokens_per_minute = models.PositiveIntegerField(_("tokens per minute"), null=True, blank=True)
     tokens_per_hour = models.PositiveBigIntegerField(_("tokens per hour"), null=True, blank=True)
     tokens_per_day = models.PositiveBigIntegerField(_("tokens per day"), null=True, blank=True)

@@ -108,3 +108,18 @@ def quick_start_keys_in_use() -> list[str]:
 
 def get_or_create_user(username: str) -> tuple[User, bool]:
     return User.objects.get_or_create(username=username)
+
+
+def update_api_key(key: ApiKey, *, name: str, expires_at: datetime | None) -> bool:
+    """Change what an operator may change on a key; returns whether anything changed.
+
+    Only these columns are written: a full save() from a form opened earlier would put back an
+    old revoked_at (un-revoking a key revoked meanwhile) or an old last_used_at.
+    """
+    wanted = {"name": name, "expires_at": expires_at}
+    changed = [field for field, value in wanted.items() if getattr(key, field) != value]
+    for field in changed:
+        setattr(key, field, wanted[field])
+    if changed:
+        key.save(update_fields=changed)
+    return bool(changed)

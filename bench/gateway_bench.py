@@ -176,7 +176,8 @@ def median_result(results: list[Result]) -> Result:
 
 def table(results: dict[tuple[str, str], Result]) -> str:
     lines = [
-        "| scenario | target | req/s | p50 ms | p99 ms | gateway CPU ms/req | req/s vs direct | added p50 ms |",
+        "| scenario | target | req/s | p50 ms | p99 ms | gateway CPU ms/req "
+        "| req/s vs direct | added p50 ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (label, target), r in results.items():

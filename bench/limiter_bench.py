@@ -47,8 +47,8 @@ async def decisions(backend: object, seconds: float, concurrency: int) -> tuple[
             rid = uuid.uuid4().hex
             started = time.perf_counter()
             now = time.time()
-            await backend.admit(scopes, rid, 120, now, 60.0, DAY)  # type: ignore[attr-defined]
-            await backend.settle(scopes, rid, 100, now, DAY)  # type: ignore[attr-defined]
+            await backend.admit(scopes, rid, 120, now, 60.0, DAY)
+            await backend.settle(scopes, rid, 100, now, DAY)
             latencies.append((time.perf_counter() - started) * 1000)
 
     started = time.perf_counter()
@@ -64,10 +64,10 @@ async def overshoot(backend: object) -> tuple[int, int]:
 
     async def one() -> int:
         rid = uuid.uuid4().hex
-        decision = await backend.admit(scopes, rid, 100, now, 60.0, DAY)  # type: ignore[attr-defined]
+        decision = await backend.admit(scopes, rid, 100, now, 60.0, DAY)
         if not decision.admitted:
             return 0
-        await backend.settle(scopes, rid, 100, now, DAY)  # type: ignore[attr-defined]
+        await backend.settle(scopes, rid, 100, now, DAY)
         return 100
 
     billed = await asyncio.gather(*(one() for _ in range(40)))

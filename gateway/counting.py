@@ -12,9 +12,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from quotas.tokens import TokenCounter, get_counter
-
 from gateway.caches import ModelInfo
+from quotas.tokens import TokenCounter, get_counter
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,10 @@ def _count(counter: TokenCounter, endpoint: str, body: dict[str, Any]) -> int:
         if endpoint == "chat/completions":
             kwargs = body.get("chat_template_kwargs")
             return counter.count_chat(
-                body["messages"], body.get("tools"), **(kwargs if isinstance(kwargs, dict) else {})
+                body["messages"],
+                body.get("tools"),
+                tool_choice=body.get("tool_choice"),
+                **(kwargs if isinstance(kwargs, dict) else {}),
             )
         return _count_prompt_field(counter, body["prompt"])
     except Exception:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.core.validators import RegexValidator
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
@@ -15,8 +16,18 @@ class ServedModel(models.Model):
         blank=True,
         help_text=_("Other names clients may use, e.g. korean-qwen."),
     )
-    upstream_url = models.URLField(
-        _("upstream URL"), blank=True, help_text=_("Blank: the SGLANG_URL setting.")
+    # Not a URLField: service names such as http://sglang:8000 (Docker, Kubernetes) must pass.
+    upstream_url = models.CharField(
+        _("upstream URL"),
+        max_length=300,
+        blank=True,
+        validators=[
+            RegexValidator(
+                r"^https?://[A-Za-z0-9._~-]+(:[0-9]{1,5})?(/[^\s]*)?$",
+                _("Enter an http:// or https:// address, e.g. http://sglang:8000."),
+            )
+        ],
+        help_text=_("Blank: the SGLANG_URL setting."),
     )
     tokenizer = models.CharField(
         _("tokenizer"),

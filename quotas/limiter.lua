@@ -173,12 +173,15 @@ if op == 'admit' then
     end
   end
   for i = 1, nscopes do
-    local k = scope_keys(i)
-    redis.call('ZADD', k.R, fmt(now), rid)
-    for _, w in ipairs({{k.M, 'm'}, {k.H, 'h'}}) do
-      redis.call('ZADD', w[1], fmt(now), rid)
-      redis.call('HSET', k.A, w[2] .. ':' .. rid, tokens)
-      redis.call('HINCRBY', k.A, 't' .. w[2], tokens)
+    local k, l = scope_keys(i), scope_limits(i)
+    -- A window without a limit keeps no log: an unlimited user costs no memory.
+    if l.rpm > 0 then redis.call('ZADD', k.R, fmt(now), rid) end
+    for _, w in ipairs({{k.M, 'm', l.tpm}, {k.H, 'h', l.tph}}) do
+      if w[3] > 0 then
+        redis.call('ZADD', w[1], fmt(now), rid)
+        redis.call('HSET', k.A, w[2] .. ':' .. rid, tokens)
+        redis.call('HINCRBY', k.A, 't' .. w[2], tokens)
+      end
     end
     day_add(k, tokens)
     redis.call('ZADD', k.P, fmt(now + lease), rid)
@@ -189,7 +192,7 @@ if op == 'admit' then
   return states({1, '', '0', 0, 0, tokens})
 elseif op == 'settle' then
   for i = 1, nscopes do
-    local k = scope_keys(i)
+    local k, l = scope_keys(i), scope_limits(i)
     prepare(k)
     local rec = redis.call('HGET', k.A, 'x:' .. rid)
     local reserved, rday = 0, ''
@@ -200,8 +203,8 @@ elseif op == 'settle' then
     redis.call('HDEL', k.A, 'x:' .. rid)
     redis.call('ZREM', k.P, rid)
     local delta = tokens - reserved
-    adjust(k, k.M, 'm', rid, delta)
-    adjust(k, k.H, 'h', rid, delta)
+    if l.tpm > 0 then adjust(k, k.M, 'm', rid, delta) end
+    if l.tph > 0 then adjust(k, k.H, 'h', rid, delta) end
     if rday == day or rday == '' then day_add(k, delta)
     elseif delta > 0 then day_add(k, delta) end
   end

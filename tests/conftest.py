@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -45,3 +46,52 @@ def redis_url() -> Iterator[str]:
     finally:
         client.close()
     yield settings.REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(
+    request: pytest.FixtureRequest,
+    django_test_environment: None,
+    django_db_blocker: Any,
+    django_db_keepdb: bool,
+    django_db_modify_db_settings: None,
+) -> Iterator[None]:
+    """Always create the test database, also when only process tests (which reach it through
+    module fixtures, not the `db` fixture pytest-django looks for) are collected."""
+    from django.test.utils import setup_databases, teardown_databases
+
+    verbosity = request.config.option.verbose
+    with django_db_blocker.unblock():
+        config = setup_databases(
+            verbosity=verbosity, interactive=False, keepdb=django_db_keepdb, aliases={"default"}
+        )
+    yield
+    if not django_db_keepdb:
+        with django_db_blocker.unblock():
+            _disconnect_other_sessions()
+            teardown_databases(config, verbosity=verbosity)
+
+
+def _disconnect_other_sessions() -> None:
+    # Worker threads of in-process gateways keep their own connections; Postgres refuses to
+    # drop a database that still has sessions.
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_redis_prefix() -> Iterator[None]:
+    """Limiter counters of this run only: user ids restart with each test database."""
+    import uuid
+
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    os.environ["LIMITER_REDIS_PREFIX"] = prefix  # inherited by server processes
+    settings.LIMITER_REDIS_PREFIX = prefix
+    yield

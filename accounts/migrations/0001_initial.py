@@ -7,7 +7,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -16,28 +15,80 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='ApiKey',
+            name="ApiKey",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(blank=True, max_length=100, verbose_name='name')),
-                ('prefix', models.CharField(db_index=True, max_length=16, verbose_name='prefix')),
-                ('key_hash', models.CharField(editable=False, max_length=64, unique=True, verbose_name='key hash')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, verbose_name='created')),
-                ('last_used_at', models.DateTimeField(blank=True, null=True, verbose_name='last used')),
-                ('expires_at', models.DateTimeField(blank=True, null=True, verbose_name='expires')),
-                ('revoked_at', models.DateTimeField(blank=True, null=True, verbose_name='revoked')),
-                ('requests_per_minute', models.PositiveIntegerField(blank=True, null=True, verbose_name='requests per minute')),
-                ('tokens_per_minute', models.PositiveIntegerField(blank=True, null=True, verbose_name='tokens per minute')),
-                ('tokens_per_hour', models.PositiveBigIntegerField(blank=True, null=True, verbose_name='tokens per hour')),
-                ('tokens_per_day', models.PositiveBigIntegerField(blank=True, null=True, verbose_name='tokens per day')),
-                ('max_parallel_requests', models.PositiveIntegerField(blank=True, null=True, verbose_name='max parallel requests')),
-                ('imported', models.BooleanField(default=False, verbose_name='imported from configuration')),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='api_keys', to=settings.AUTH_USER_MODEL, verbose_name='user')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(blank=True, max_length=100, verbose_name="name")),
+                ("prefix", models.CharField(db_index=True, max_length=16, verbose_name="prefix")),
+                (
+                    "key_hash",
+                    models.CharField(
+                        editable=False, max_length=64, unique=True, verbose_name="key hash"
+                    ),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(default=django.utils.timezone.now, verbose_name="created"),
+                ),
+                (
+                    "last_used_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="last used"),
+                ),
+                ("expires_at", models.DateTimeField(blank=True, null=True, verbose_name="expires")),
+                ("revoked_at", models.DateTimeField(blank=True, null=True, verbose_name="revoked")),
+                (
+                    "requests_per_minute",
+                    models.PositiveIntegerField(
+                        blank=True, null=True, verbose_name="requests per minute"
+                    ),
+                ),
+                (
+                    "tokens_per_minute",
+                    models.PositiveIntegerField(
+                        blank=True, null=True, verbose_name="tokens per minute"
+                    ),
+                ),
+                (
+                    "tokens_per_hour",
+                    models.PositiveBigIntegerField(
+                        blank=True, null=True, verbose_name="tokens per hour"
+                    ),
+                ),
+                (
+                    "tokens_per_day",
+                    models.PositiveBigIntegerField(
+                        blank=True, null=True, verbose_name="tokens per day"
+                    ),
+                ),
+                (
+                    "max_parallel_requests",
+                    models.PositiveIntegerField(
+                        blank=True, null=True, verbose_name="max parallel requests"
+                    ),
+                ),
+                (
+                    "imported",
+                    models.BooleanField(default=False, verbose_name="imported from configuration"),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="api_keys",
+                        to=settings.AUTH_USER_MODEL,
+                        verbose_name="user",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'API key',
-                'verbose_name_plural': 'API keys',
-                'ordering': ['-created_at'],
+                "verbose_name": "API key",
+                "verbose_name_plural": "API keys",
+                "ordering": ["-created_at"],
             },
         ),
     ]

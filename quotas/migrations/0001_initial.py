@@ -6,82 +6,235 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('accounts', '0001_initial'),
+        ("accounts", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Plan',
+            name="Plan",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True, verbose_name='name')),
-                ('description', models.TextField(blank=True, verbose_name='description')),
-                ('requests_per_minute', models.PositiveIntegerField(default=40, verbose_name='requests per minute')),
-                ('tokens_per_minute', models.PositiveIntegerField(default=8000, verbose_name='tokens per minute')),
-                ('tokens_per_hour', models.PositiveBigIntegerField(default=500000, verbose_name='tokens per hour')),
-                ('tokens_per_day', models.PositiveBigIntegerField(default=1000000, verbose_name='tokens per day')),
-                ('cooldown_minutes', models.PositiveIntegerField(default=2, verbose_name='cooldown minutes')),
-                ('max_parallel_requests', models.PositiveIntegerField(default=8, verbose_name='max parallel requests')),
-                ('allowed_models', models.JSONField(blank=True, default=list, help_text='Model names or aliases this plan may use; empty allows every model.', verbose_name='allowed models')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True, verbose_name="name")),
+                ("description", models.TextField(blank=True, verbose_name="description")),
+                (
+                    "requests_per_minute",
+                    models.PositiveIntegerField(default=40, verbose_name="requests per minute"),
+                ),
+                (
+                    "tokens_per_minute",
+                    models.PositiveIntegerField(default=8000, verbose_name="tokens per minute"),
+                ),
+                (
+                    "tokens_per_hour",
+                    models.PositiveBigIntegerField(default=500000, verbose_name="tokens per hour"),
+                ),
+                (
+                    "tokens_per_day",
+                    models.PositiveBigIntegerField(default=1000000, verbose_name="tokens per day"),
+                ),
+                (
+                    "cooldown_minutes",
+                    models.PositiveIntegerField(default=2, verbose_name="cooldown minutes"),
+                ),
+                (
+                    "max_parallel_requests",
+                    models.PositiveIntegerField(default=8, verbose_name="max parallel requests"),
+                ),
+                (
+                    "allowed_models",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text="Model names or aliases this plan may use; empty allows every model.",
+                        verbose_name="allowed models",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'plan',
-                'verbose_name_plural': 'plans',
-                'ordering': ['name'],
+                "verbose_name": "plan",
+                "verbose_name_plural": "plans",
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='UserQuota',
+            name="UserQuota",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('description', models.TextField(blank=True, verbose_name='description')),
-                ('requests_per_minute', models.PositiveIntegerField(blank=True, null=True, verbose_name='requests per minute')),
-                ('tokens_per_minute', models.PositiveIntegerField(blank=True, null=True, verbose_name='tokens per minute')),
-                ('tokens_per_hour', models.PositiveBigIntegerField(blank=True, null=True, verbose_name='tokens per hour')),
-                ('tokens_per_day', models.PositiveBigIntegerField(blank=True, null=True, verbose_name='tokens per day')),
-                ('cooldown_minutes', models.PositiveIntegerField(blank=True, null=True, verbose_name='cooldown minutes')),
-                ('max_parallel_requests', models.PositiveIntegerField(blank=True, null=True, verbose_name='max parallel requests')),
-                ('allowed_models', models.JSONField(blank=True, null=True, verbose_name='allowed models')),
-                ('plan', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='quotas', to='quotas.plan', verbose_name='plan')),
-                ('user', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='quota', to=settings.AUTH_USER_MODEL, verbose_name='user')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("description", models.TextField(blank=True, verbose_name="description")),
+                (
+                    "requests_per_minute",
+                    models.PositiveIntegerField(
+                        blank=True, null=True, verbose_name="requests per minute"
+                    ),
+                ),
+                (
+                    "tokens_per_minute",
+                    models.PositiveIntegerField(
+                        blank=True, null=True, verbose_name="tokens per minute"
+                    ),
+                ),
+                (
+                    "tokens_per_hour",
+                    models.PositiveBigIntegerField(
+                        blank=True, null=True, verbose_name="tokens per hour"
+                    ),
+                ),
+                (
+                    "tokens_per_day",
+                    models.PositiveBigIntegerField(
+                        blank=True, null=True, verbose_name="tokens per day"
+                    ),
+                ),
+                (
+                    "cooldown_minutes",
+                    models.PositiveIntegerField(
+                        blank=True, null=True, verbose_name="cooldown minutes"
+                    ),
+                ),
+                (
+                    "max_parallel_requests",
+                    models.PositiveIntegerField(
+                        blank=True, null=True, verbose_name="max parallel requests"
+                    ),
+                ),
+                (
+                    "allowed_models",
+                    models.JSONField(blank=True, null=True, verbose_name="allowed models"),
+                ),
+                (
+                    "plan",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="quotas",
+                        to="quotas.plan",
+                        verbose_name="plan",
+                    ),
+                ),
+                (
+                    "user",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="quota",
+                        to=settings.AUTH_USER_MODEL,
+                        verbose_name="user",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'user quota',
-                'verbose_name_plural': 'user quotas',
+                "verbose_name": "user quota",
+                "verbose_name_plural": "user quotas",
             },
         ),
         migrations.CreateModel(
-            name='UsageRecord',
+            name="UsageRecord",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('request_id', models.CharField(max_length=64, unique=True, verbose_name='request id')),
-                ('model', models.CharField(max_length=200, verbose_name='model')),
-                ('endpoint', models.CharField(max_length=40, verbose_name='endpoint')),
-                ('prompt_tokens', models.PositiveIntegerField(default=0, verbose_name='prompt tokens')),
-                ('completion_tokens', models.PositiveIntegerField(default=0, verbose_name='completion tokens')),
-                ('cached_tokens', models.PositiveIntegerField(default=0, verbose_name='cached tokens')),
-                ('estimated_prompt_tokens', models.PositiveIntegerField(default=0, verbose_name="gateway's prompt count")),
-                ('usage_source', models.CharField(choices=[('upstream', 'reported by the upstream'), ('gateway', 'counted by the gateway'), ('none', 'nothing generated')], default='upstream', max_length=10, verbose_name='usage source')),
-                ('status_code', models.PositiveSmallIntegerField(verbose_name='HTTP status')),
-                ('error_type', models.CharField(blank=True, max_length=60, verbose_name='error type')),
-                ('streamed', models.BooleanField(default=False, verbose_name='streamed')),
-                ('client_disconnected', models.BooleanField(default=False, verbose_name='client disconnected')),
-                ('started_at', models.DateTimeField(verbose_name='started')),
-                ('finished_at', models.DateTimeField(verbose_name='finished')),
-                ('upstream_latency_ms', models.FloatField(blank=True, null=True, verbose_name='upstream latency (ms)')),
-                ('time_to_first_token_ms', models.FloatField(blank=True, null=True, verbose_name='time to first token (ms)')),
-                ('api_key', models.ForeignKey(db_constraint=False, null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='usage_records', to='accounts.apikey')),
-                ('user', models.ForeignKey(db_constraint=False, null=True, on_delete=django.db.models.deletion.DO_NOTHING, related_name='usage_records', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "request_id",
+                    models.CharField(max_length=64, unique=True, verbose_name="request id"),
+                ),
+                ("model", models.CharField(max_length=200, verbose_name="model")),
+                ("endpoint", models.CharField(max_length=40, verbose_name="endpoint")),
+                (
+                    "prompt_tokens",
+                    models.PositiveIntegerField(default=0, verbose_name="prompt tokens"),
+                ),
+                (
+                    "completion_tokens",
+                    models.PositiveIntegerField(default=0, verbose_name="completion tokens"),
+                ),
+                (
+                    "cached_tokens",
+                    models.PositiveIntegerField(default=0, verbose_name="cached tokens"),
+                ),
+                (
+                    "estimated_prompt_tokens",
+                    models.PositiveIntegerField(default=0, verbose_name="gateway's prompt count"),
+                ),
+                (
+                    "usage_source",
+                    models.CharField(
+                        choices=[
+                            ("upstream", "reported by the upstream"),
+                            ("gateway", "counted by the gateway"),
+                            ("none", "nothing generated"),
+                        ],
+                        default="upstream",
+                        max_length=10,
+                        verbose_name="usage source",
+                    ),
+                ),
+                ("status_code", models.PositiveSmallIntegerField(verbose_name="HTTP status")),
+                (
+                    "error_type",
+                    models.CharField(blank=True, max_length=60, verbose_name="error type"),
+                ),
+                ("streamed", models.BooleanField(default=False, verbose_name="streamed")),
+                (
+                    "client_disconnected",
+                    models.BooleanField(default=False, verbose_name="client disconnected"),
+                ),
+                ("started_at", models.DateTimeField(verbose_name="started")),
+                ("finished_at", models.DateTimeField(verbose_name="finished")),
+                (
+                    "upstream_latency_ms",
+                    models.FloatField(blank=True, null=True, verbose_name="upstream latency (ms)"),
+                ),
+                (
+                    "time_to_first_token_ms",
+                    models.FloatField(
+                        blank=True, null=True, verbose_name="time to first token (ms)"
+                    ),
+                ),
+                (
+                    "api_key",
+                    models.ForeignKey(
+                        db_constraint=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="usage_records",
+                        to="accounts.apikey",
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        db_constraint=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.DO_NOTHING,
+                        related_name="usage_records",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'usage record',
-                'verbose_name_plural': 'usage records',
-                'indexes': [models.Index(fields=['started_at'], name='quotas_usag_started_83aa89_idx'), models.Index(fields=['user', 'started_at'], name='quotas_usag_user_id_46b116_idx')],
+                "verbose_name": "usage record",
+                "verbose_name_plural": "usage records",
+                "indexes": [
+                    models.Index(fields=["started_at"], name="quotas_usag_started_83aa89_idx"),
+                    models.Index(
+                        fields=["user", "started_at"], name="quotas_usag_user_id_46b116_idx"
+                    ),
+                ],
             },
         ),
     ]

@@ -53,7 +53,9 @@ class World:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.db():
-                row = UsageRecord.objects.filter(request_id=request_id).first()
+                row = (
+                    UsageRecord.objects.select_related("user").filter(request_id=request_id).first()
+                )
             if row is not None:
                 return row
             time.sleep(0.1)
@@ -120,7 +122,15 @@ def world(django_db_setup: None, django_db_blocker: Any) -> Iterator[World]:
         port = free_port()
         stack.enter_context(
             running(
-                ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "limiter_site.asgi:application"],
+                [
+                    "-m",
+                    "daphne",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "limiter_site.asgi:application",
+                ],
                 f"http://127.0.0.1:{port}/health",
                 env={
                     "DATABASE_URL": database_url,

@@ -6,6 +6,8 @@ Every process is real (see conftest.py); only the GPU is simulated.
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import time
 
@@ -148,7 +150,7 @@ def test_other_parameters_pass_through_untouched(world: World) -> None:
         (None, "missing_api_key"),
         ("Bearer sk-not-a-real-key-0000000000", "invalid_api_key"),
         ("Basic dXNlcjpwYXNz", "invalid_api_key"),
-        ("Bearer ", "invalid_api_key"),
+        ("Bearer", "invalid_api_key"),
     ],
 )
 def test_bad_keys_are_401_in_openai_shape(
@@ -256,12 +258,8 @@ def test_unknown_path_and_wrong_method(world: World) -> None:
 
 
 def test_upstream_flat_error_is_rewritten_with_same_status(world: World) -> None:
-    long_prompt = "안녕하세요 " * 20000  # beyond the simulator's 32k context
-    response = post(
-        world,
-        "/chat/completions",
-        {"model": "korean-qwen", "messages": [{"role": "user", "content": long_prompt}]},
-    )
+    body = {"model": "korean-qwen", "messages": KOREAN_CHAT, "sim": {"status": 400}}
+    response = post(world, "/chat/completions", body)
     assert response.status_code == 400
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -323,7 +321,9 @@ def test_client_disconnect_aborts_upstream_within_a_second_and_is_recorded(world
     received = b""
     while received.count(b'"content"') < 4:  # a few tokens at 20 tokens/s
         received += sock.recv(65536)
-    request_id = received.split(b"x-request-id: ")[1].split(b"\r\n")[0].decode()
+    match = re.search(rb"(?i)x-request-id: *(\w+)", received)
+    assert match is not None, received[:500]
+    request_id = match.group(1).decode()
     sock.close()
     closed_at = time.monotonic()
     while metric(world.slow_upstream, "sglang:num_aborted_requests_total") <= aborted_before:
@@ -340,7 +340,7 @@ def test_health_reports_every_part(world: World) -> None:
     response = httpx.get(f"{world.url}/health")
     report = response.json()
     assert report["database"]["ok"] is True
-    assert report["redis"]["ok"] is None  # the gateway process runs without REDIS_URL here
+    assert report["redis"]["ok"] is (True if os.environ.get("REDIS_URL") else None)
     by_url = {u["url"]: u["ok"] for u in report["upstreams"]}
     assert by_url[world.fast_upstream] is True
     assert by_url[world.dead_upstream] is False  # dead-model's upstream is down

@@ -48,7 +48,10 @@ def test_usage_only_chunk_is_recognised_and_content_is_not_parsed_for_usage() ->
 def test_continuous_usage_chunks_are_kept() -> None:
     account = StreamAccount()
     event = chunk(
-        {"choices": [{"delta": {"content": "가"}}], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}
+        {
+            "choices": [{"delta": {"content": "가"}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1},
+        }
     )
     assert account.inspect(event) is True
     assert account.usage is not None and account.usage.completion_tokens == 1
@@ -59,7 +62,7 @@ def test_generated_text_is_recovered_from_chat_and_completion_chunks() -> None:
     account.inspect(chunk({"choices": [{"delta": {"role": "assistant"}}]}))
     account.inspect(chunk({"choices": [{"delta": {"content": "서울은 "}}]}))
     account.inspect(chunk({"choices": [{"text": "맑음"}]}))
-    account.inspect(chunk({"choices": [{"delta": {"content": "\"error\": {"}}]}))
+    account.inspect(chunk({"choices": [{"delta": {"content": '"error": {'}}]}))
     assert account.generated_text() == '서울은 맑음"error": {'
     assert account.error == ""
 
@@ -110,8 +113,14 @@ def test_flat_sglang_error_becomes_openai_shape() -> None:
             b'{"model": "m", "messages": [{"role": "user", "content": [{"text": "x"}]}]}',
             "messages[0].content",
         ),
-        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens"),
-        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+            "max_tokens",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
+            "stream",
+        ),
     ],
 )
 def test_bad_chat_bodies_are_400_with_param(body: bytes, param: str | None) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -90,6 +91,7 @@ class Harness:
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def make(request: pytest.FixtureRequest) -> Iterator[object]:
     made: list[Harness] = []
+    backend_factory: Any
     if request.param == "memory":
         backend_factory = MemoryBackend
     else:

@@ -1,0 +1,861 @@
+"""SGLang SIMULATOR: a stand-in for an SGLang server on machines without a GPU.
+
+It is not a model and infers nothing. It speaks SGLang's wire format (OpenAI-compatible routes,
+flat errors, native routes, Prometheus metrics with SGLang's names) and answers every request
+with the same Korean paragraph, cut into single tokens of the served model's real tokenizer, at
+a configurable speed. Prompt usage is counted with `quotas.tokens.get_counter(model)`, the code
+path the gateway uses, so `usage.prompt_tokens` is what SGLang would report for the same model.
+
+Answer length (completion tokens):
+- `x-sim-completion-tokens: N` (below): the "model" stops by itself after N tokens
+  (finish_reason "stop", matched_stop = EOS id), unless max_tokens is smaller ("length");
+- otherwise `max_tokens` / `max_completion_tokens` is generated in full ("length");
+- otherwise chat answers stop after `--answer-tokens` (default 64, "stop") and completions after
+  16 tokens ("length", SGLang's default max_tokens for /v1/completions).
+Either way generation ends at the context length ("length").
+
+Simulator-only test hooks. SGLang has none of these; each can be given as a request header or
+as a key of a `sim` object in the JSON body (the body wins; it survives a gateway that forwards
+the body but not the headers, and SGLang itself ignores unknown body fields):
+- `x-sim-no-usage: 1` / `"sim": {"no_usage": true}`: behave like the llama.cpp server, ignore
+  stream_options and send no usage at all in streams (non-streaming answers keep their usage);
+- `x-sim-status: N` / `status`: answer HTTP N with a flat SGLang error body;
+- `x-sim-delay-ms: N` / `delay_ms`: sleep N ms before answering;
+- `x-sim-completion-tokens: N` / `completion_tokens`: generate exactly N tokens and stop;
+- `x-sim-cached-tokens: N` / `cached_tokens`: report N prompt tokens as prefix-cache hits
+  (`usage.prompt_tokens_details.cached_tokens`, `sglang:cached_tokens_total`);
+- `x-sim-error-after-tokens: N` / `error_after_tokens`: after N tokens end a stream with a
+  `data: {"error": …}` event (non-streaming: HTTP 500).
+
+Simulator-only routes for tests: `GET /sim/last_request` (the last /v1 JSON body, as received),
+`GET /sim/stats` (requests, aborted, prompt/completion tokens, running, peak_running since the
+start or the last reset) and `POST /sim/reset`.
+
+A client disconnect cancels the handler (aiohttp `handler_cancellation=True`), which is how SGLang
+aborts generation; it is counted in `sglang:num_aborted_requests_total`. So is
+`POST /abort_request {"rid": …}` for a request that passed its own `rid`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from quotas.tokens import TokenCounter, TokenizerCounter, get_counter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+SIMULATOR_VERSION = "0.0.0-simulator"
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # SGLang's CompletionRequest.max_tokens default
+# Cut into Qwen tokens, every prefix of this paragraph (and of its repetitions joined by a
+# space) re-tokenizes to exactly the tokens generated, so a gateway counting the streamed text
+# itself gets the same number as usage.completion_tokens.
+ANSWER_PARAGRAPH = (
+    "안녕하세요. 저는 한국어로 답변하는 시뮬레이터입니다. 오늘은 좋은 하루가 될 것입니다. "
+    "이 문장은 같은 순서로 계속 반복됩니다. 질문이 있으면 언제든지 물어보세요. 감사합니다."
+)
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60)
+ITL_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.06, 0.08, 0.1)
+E2E_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 150, 200, 300)
+QUEUE_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60)
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    model: str = DEFAULT_MODEL
+    tokens_per_second: float = 100.0  # 0 = as fast as possible
+    ttft_ms: float = 50.0
+    tokenizer: str = ""
+    context_length: int = 32768
+    max_total_tokens: int = 262144
+    max_running_requests: int = 0  # 0 = no limit, nothing ever queues
+    answer_tokens: int = 64
+
+
+class SimError(Exception):
+    """An error answered in SGLang's flat shape."""
+
+    def __init__(self, message: str, status: int = 400, err_type: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.err_type = err_type or error_type(status)
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "object": "error",
+            "message": self.message,
+            "type": self.err_type,
+            "param": None,
+            "code": self.status,
+        }
+
+    def response(self) -> web.Response:
+        return json_response(self.payload(), status=self.status)
+
+
+def error_type(status: int) -> str:
+    if status == 400:
+        return "BadRequestError"
+    if status == 500:
+        return "InternalServerError"
+    try:
+        words = HTTPStatus(status).name.split("_")
+    except ValueError:
+        return "Error"
+    return "".join(word.title() for word in words) + "Error"
+
+
+def dumps(payload: Any) -> bytes:
+    # Compact UTF-8, as SGLang's orjson/pydantic/msgspec encoders write it.
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=dumps(payload), status=status, content_type="application/json")
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + dumps(payload) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+METADATA = {"weight_version": "default"}
+
+
+# --- The answer ---------------------------------------------------------------------------------
+
+
+class AnswerTokens:
+    """The simulator's answer as (text, tokens) pieces: one token each with a real tokenizer."""
+
+    def __init__(self, counter: TokenCounter, paragraph: str = ANSWER_PARAGRAPH) -> None:
+        if isinstance(counter, TokenizerCounter):
+            self.first = _token_pieces(counter, paragraph)
+            self.cycle = _token_pieces(counter, " " + paragraph)
+        else:  # no tokenizer: one character a "token", as good as any guess
+            self.first = [(ch, 1) for ch in paragraph]
+            self.cycle = [(ch, 1) for ch in " " + paragraph]
+
+    def pieces(self, tokens: int) -> list[tuple[str, int]]:
+        """The first `tokens` tokens of the answer, as pieces whose token counts sum to it."""
+        out: list[tuple[str, int]] = []
+        left = tokens
+        for text, n in itertools.chain(self.first, itertools.cycle(self.cycle)):
+            if left <= 0:
+                break
+            out.append((text, min(n, left)))
+            left -= n
+        return out
+
+
+def _token_pieces(counter: TokenizerCounter, text: str) -> list[tuple[str, int]]:
+    pieces: list[tuple[str, int]] = []
+    pending: list[int] = []
+    for token_id in counter.encode(text):
+        pending.append(token_id)
+        piece = counter.decode(pending)
+        # A token ending inside a multi-byte character decodes to U+FFFD; SGLang holds such
+        # bytes back until the character is complete, so they travel with the next token.
+        if "\ufffd" not in piece:
+            pieces.append((piece, len(pending)))
+            pending = []
+    if pending:
+        pieces.append((counter.decode(pending), len(pending)))
+    return pieces
+
+
+# --- Requests in flight and metrics -----------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One validated generation request and its progress."""
+
+    rid: str
+    model: str  # echoed back as the client sent it, as SGLang does
+    prompt_tokens: int
+    target: int
+    natural_stop: bool
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage: bool = False
+    cached_tokens: int = 0
+    generated: int = 0
+    finish_reason: str = ""
+    abort_requested: bool = False
+    started: float = field(default_factory=time.monotonic)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class SimStats:
+    """What GET /sim/stats reports since the start or the last POST /sim/reset."""
+
+    requests: int = 0
+    aborted: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    peak_running: int = 0
+
+
+@dataclass
+class Hooks:
+    """The simulator-only test hooks (see the module docstring)."""
+
+    no_usage: bool = False
+    status: int | None = None
+    delay_ms: int = 0
+    completion_tokens: int | None = None
+    cached_tokens: int = 0
+    error_after_tokens: int | None = None
+
+    @classmethod
+    def parse(cls, headers: Mapping[str, str], sim: Any) -> Hooks:
+        """From the body's `sim` object, else from the `x-sim-…` headers."""
+        given = sim if isinstance(sim, dict) else {}
+
+        def raw(name: str) -> Any:
+            return given[name] if name in given else headers.get("x-sim-" + name.replace("_", "-"))
+
+        def number(name: str) -> int | None:
+            value = raw(name)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not str(value).strip().isdigit():
+                raise SimError(f"simulator hook {name} must be a whole number")
+            return int(value)
+
+        return cls(
+            no_usage=str(raw("no_usage")).strip().lower() in ("1", "true", "yes"),
+            status=number("status"),
+            delay_ms=number("delay_ms") or 0,
+            completion_tokens=number("completion_tokens"),
+            cached_tokens=number("cached_tokens") or 0,
+            error_after_tokens=number("error_after_tokens"),
+        )
+
+    def fails_after(self, generated: int) -> bool:
+        return self.error_after_tokens is not None and generated >= self.error_after_tokens
+
+
+class ThroughputMeter:
+    """Tokens per second over the last full interval, like SGLang's last_gen_throughput."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self.tokens = 0
+        self.mark = (time.monotonic(), 0)
+        self.last_rate = 0.0
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        since, tokens_then = self.mark
+        if now - since >= self.interval:
+            self.last_rate = (self.tokens - tokens_then) / (now - since)
+            self.mark = (now, self.tokens)
+        return self.last_rate
+
+
+class SimMetrics:
+    """SGLang's Prometheus metric names, in a registry of the simulator's own."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.registry = registry = CollectorRegistry()
+        model, labels = sim.config.model, ["model_name"]
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, labels, registry=registry).labels(model)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry).labels(model)
+
+        def gauge(name: str, doc: str, read: Callable[[], float]) -> None:
+            Gauge(name, doc, labels, registry=registry).labels(model).set_function(read)
+
+        self.prompt_tokens = counter("sglang:prompt_tokens", "Prefill tokens processed")
+        self.generation_tokens = counter("sglang:generation_tokens", "Tokens generated")
+        self.cached_tokens = counter("sglang:cached_tokens", "Prompt tokens from prefix cache")
+        self.requests = counter("sglang:num_requests", "Requests finished (aborts included)")
+        self.aborted = counter("sglang:num_aborted_requests", "Requests aborted")
+        self.ttft = histogram("sglang:time_to_first_token_seconds", "TTFT", TTFT_BUCKETS)
+        self.itl = histogram("sglang:inter_token_latency_seconds", "Between tokens", ITL_BUCKETS)
+        self.e2e = histogram("sglang:e2e_request_latency_seconds", "Whole request", E2E_BUCKETS)
+        self.queue_time = histogram("sglang:queue_time_seconds", "Waiting to run", QUEUE_BUCKETS)
+        gauge("sglang:num_running_reqs", "Requests generating", lambda: len(sim.running))
+        gauge("sglang:num_queue_reqs", "Requests waiting", lambda: sim.waiting)
+        gauge("sglang:num_used_tokens", "KV tokens in use", sim.used_tokens)
+        gauge("sglang:token_usage", "KV pool use, 0-1", sim.token_usage)
+        gauge("sglang:max_total_num_tokens", "KV pool size", lambda: sim.config.max_total_tokens)
+        gauge("sglang:gen_throughput", "Tokens per second", sim.throughput.rate)
+        gauge("sglang:cache_hit_rate", "Prefix cache hit rate", sim.cache_hit_rate)
+        gauge("sglang:num_retracted_reqs", "Retracted requests (never here)", lambda: 0)
+        gauge("sglang:utilization", "Share of the KV pool in use", sim.token_usage)
+
+
+class Simulator:
+    """The engine: admits requests, paces tokens, keeps the numbers /metrics reports."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.counter = get_counter(config.model, config.tokenizer)
+        self.answer = AnswerTokens(self.counter)
+        tokenizer = getattr(self.counter, "tokenizer", None)
+        self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
+        self.running: dict[int, Job] = {}
+        self.waiting = 0
+        limit = config.max_running_requests
+        self.slots = asyncio.Semaphore(limit) if limit else None
+        self.throughput = ThroughputMeter()
+        self.metrics = SimMetrics(self)
+        self._ids = itertools.count()
+        self._prompt_total = self._cached_total = 0
+        self.stats = SimStats()
+        self.last_request: dict[str, Any] = {}
+
+    def used_tokens(self) -> int:
+        return sum(job.prompt_tokens + job.generated for job in self.running.values())
+
+    def token_usage(self) -> float:
+        return self.used_tokens() / self.config.max_total_tokens
+
+    def cache_hit_rate(self) -> float:
+        return self._cached_total / self._prompt_total if self._prompt_total else 0.0
+
+    def matched_stop(self, job: Job) -> int | None:
+        return self.eos_token_id if job.finish_reason == "stop" else None
+
+    def abort(self, rid: str | None) -> int:
+        """Flag running requests with this rid (None: all) to stop; returns how many."""
+        hits = [job for job in self.running.values() if rid is None or job.rid == rid]
+        for job in hits:
+            job.abort_requested = True
+        return len(hits)
+
+    @asynccontextmanager
+    async def admitted(self, job: Job) -> AsyncIterator[Job]:
+        """Queue for a slot, run, and account the request however it ends."""
+        self.waiting += 1
+        try:
+            if self.slots is not None:
+                await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.metrics.queue_time.observe(time.monotonic() - job.started)
+        key = next(self._ids)
+        self.running[key] = job
+        self.stats.peak_running = max(self.stats.peak_running, len(self.running))
+        try:
+            yield job
+        except (asyncio.CancelledError, ConnectionResetError):
+            job.finish_reason = "abort"  # the client went away mid-generation
+            raise
+        finally:
+            del self.running[key]
+            if self.slots is not None:
+                self.slots.release()
+            self._finished(job)
+
+    def _finished(self, job: Job) -> None:
+        self.metrics.requests.inc()
+        self.metrics.e2e.observe(time.monotonic() - job.started)
+        self.stats.requests += 1
+        self.stats.completion_tokens += job.generated
+        if job.finish_reason == "abort":
+            self.stats.aborted += 1
+            self.metrics.aborted.inc()
+            log.info("request %s aborted after %d tokens", job.rid, job.generated)
+
+    async def generate(self, job: Job) -> AsyncIterator[tuple[str, bool]]:
+        """Yield (piece, is_last) at the configured pace; finish_reason is set before the last."""
+        if self.config.ttft_ms > 0:
+            await asyncio.sleep(self.config.ttft_ms / 1000)
+        self._prefilled(job)
+        speed = self.config.tokens_per_second
+        pieces = self.answer.pieces(job.target)
+        if not pieces:  # x-sim-completion-tokens: 0
+            job.finish_reason = "stop" if job.natural_stop else "length"
+        first_at = last_at = time.monotonic()
+        for index, (text, tokens) in enumerate(pieces):
+            if speed and index:
+                await asyncio.sleep(max(0.0, first_at + index / speed - time.monotonic()))
+                now = time.monotonic()
+                self.metrics.itl.observe(now - last_at)
+                last_at = now
+            if job.abort_requested:  # POST /abort_request
+                job.finish_reason = "abort"
+                return
+            job.generated += tokens
+            self.metrics.generation_tokens.inc(tokens)
+            self.throughput.tokens += tokens
+            last = index == len(pieces) - 1
+            if last:
+                job.finish_reason = "stop" if job.natural_stop else "length"
+            yield text, last
+
+    def _prefilled(self, job: Job) -> None:
+        self.metrics.ttft.observe(time.monotonic() - job.started)
+        self.metrics.prompt_tokens.inc(job.prompt_tokens)
+        self.metrics.cached_tokens.inc(job.cached_tokens)
+        self._prompt_total += job.prompt_tokens
+        self._cached_total += job.cached_tokens
+        self.stats.prompt_tokens += job.prompt_tokens
+
+
+# --- Wire formats -------------------------------------------------------------------------------
+
+
+def usage_of(job: Job, *, drop_none: bool = False) -> dict[str, Any]:
+    """SGLang's UsageInfo; prompt_tokens_details only when some prompt tokens were cached."""
+    prompt, completion = job.prompt_tokens, job.generated
+    details = {"cached_tokens": job.cached_tokens} if job.cached_tokens else None
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+        "prompt_tokens_details": details,
+        "reasoning_tokens": 0,
+    }
+    return {k: v for k, v in usage.items() if v is not None} if drop_none else usage
+
+
+def envelope(job: Job, kind: str, choices: list[Any], **extra: Any) -> dict[str, Any]:
+    head = {"id": job.rid, "object": kind, "created": job.created, "model": job.model}
+    return {**head, "choices": choices, **extra}
+
+
+def choice(finish: str | None = None, matched: int | None = None, **body: Any) -> dict[str, Any]:
+    return {"index": 0, **body, "logprobs": None, "finish_reason": finish, "matched_stop": matched}
+
+
+class ChatWire:
+    """chat.completion bodies; chunks shaped like SGLang's build_sse_content (no null usage)."""
+
+    CHUNK = "chat.completion.chunk"
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+
+    def opening(self, job: Job) -> list[bytes]:
+        return [
+            sse(envelope(job, self.CHUNK, [choice(delta={"role": "assistant", "content": ""})]))
+        ]
+
+    def piece(self, job: Job, text: str, last: bool) -> bytes:
+        extra = {"usage": usage_of(job)} if job.continuous_usage else {}
+        return sse(envelope(job, self.CHUNK, [choice(delta={"content": text})], **extra))
+
+    def closing(self, job: Job) -> list[bytes]:
+        end = choice(job.finish_reason, self.sim.matched_stop(job), delta={})
+        out = [sse(envelope(job, self.CHUNK, [end]))]
+        if job.include_usage:
+            out.append(sse(envelope(job, self.CHUNK, [], usage=usage_of(job))))
+        return out
+
+    def body(self, job: Job, text: str) -> dict[str, Any]:
+        message = {
+            "role": "assistant",
+            "content": text or None,
+            "reasoning_content": None,
+            "tool_calls": None,
+        }
+        end = choice(job.finish_reason, self.sim.matched_stop(job), message=message)
+        return envelope(job, "chat.completion", [end], usage=usage_of(job), metadata=METADATA)
+
+
+class CompletionWire:
+    """text_completion bodies; the last text chunk carries finish_reason, as in SGLang."""
+
+    KIND = "text_completion"
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+
+    def text(self, job: Job, text: str, finish: str | None) -> dict[str, Any]:
+        return choice(finish, self.sim.matched_stop(job) if finish else None, text=text)
+
+    def opening(self, job: Job) -> list[bytes]:
+        return []
+
+    def piece(self, job: Job, text: str, last: bool) -> bytes:
+        usage = usage_of(job) if job.continuous_usage else None
+        chosen = self.text(job, text, job.finish_reason if last else None)
+        return sse(envelope(job, self.KIND, [chosen], usage=usage))
+
+    def closing(self, job: Job) -> list[bytes]:
+        out = []
+        if job.finish_reason == "abort":
+            out.append(sse(envelope(job, self.KIND, [self.text(job, "", "abort")], usage=None)))
+        if job.include_usage:  # SGLang dumps this one with exclude_none
+            out.append(sse(envelope(job, self.KIND, [], usage=usage_of(job, drop_none=True))))
+        return out
+
+    def body(self, job: Job, text: str) -> dict[str, Any]:
+        chosen = self.text(job, text, job.finish_reason)
+        return envelope(job, self.KIND, [chosen], usage=usage_of(job), metadata=METADATA)
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise SimError("Unsupported Media Type: Only 'application/json' is allowed")
+    try:
+        body = json.loads(await request.read())
+    except ValueError as exc:
+        raise SimError(f"JSON decode error: {exc}") from None
+    if not isinstance(body, dict):
+        raise SimError("Input should be a valid dictionary or object to extract fields from")
+    return body
+
+
+def positive_int(body: Mapping[str, Any], *names: str) -> int | None:
+    """The first of `names` that is set, checked the way SGLang's validators check it."""
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise SimError(f"{name} must be a positive integer")
+        return value
+    return None
+
+
+def plan_answer(
+    limit: int | None, natural: int | None, default: tuple[int, bool], room: int
+) -> tuple[int, bool]:
+    """(tokens to generate, whether the model stops by itself) for one request."""
+    if natural is not None and (limit is None or natural <= limit):
+        tokens, stops = natural, True
+    elif limit is not None:
+        tokens, stops = limit, False
+    else:
+        tokens, stops = default
+    return (room, False) if tokens > room else (tokens, stops)
+
+
+def context_error(prompt: int, limit: int | None, context: int) -> SimError | None:
+    """SGLang's two context-length refusals (tokenizer_manager._validate_one_request)."""
+    if prompt >= context:
+        return SimError(
+            f"The input ({prompt} tokens) is longer than the model's context length "
+            f"({context} tokens)."
+        )
+    if limit is not None and prompt + limit >= context:
+        return SimError(
+            f"Requested token count exceeds the model's maximum context length of {context} "
+            f"tokens. You requested a total of {prompt + limit} tokens: {prompt} tokens from the "
+            f"input messages and {limit} tokens for the completion. Please reduce the number of "
+            "tokens in the input messages or the completion to fit within the limit."
+        )
+    return None
+
+
+def simulated_failure() -> SimError:
+    return SimError("Simulated failure (sim error_after_tokens)", 500)
+
+
+class Api:
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.chat_wire = ChatWire(sim)
+        self.completion_wire = CompletionWire(sim)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            hooks, body = await self.prelude(request)
+            prompt = self.count_chat(body)
+            job = self.make_job(
+                body, hooks, prompt, "chatcmpl", (self.sim.config.answer_tokens, True)
+            )
+        except SimError as exc:
+            return exc.response()
+        return await self.respond(request, job, hooks, self.chat_wire)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            hooks, body = await self.prelude(request)
+            prompt = self.count_prompt(body.get("prompt"))
+            default = (COMPLETIONS_DEFAULT_MAX_TOKENS, False)
+            job = self.make_job(body, hooks, prompt, "cmpl", default)
+        except SimError as exc:
+            return exc.response()
+        return await self.respond(request, job, hooks, self.completion_wire)
+
+    async def prelude(self, request: web.Request) -> tuple[Hooks, dict[str, Any]]:
+        body = await read_json(request)
+        self.sim.last_request = body
+        hooks = Hooks.parse(request.headers, body.get("sim"))
+        if hooks.delay_ms:
+            await asyncio.sleep(hooks.delay_ms / 1000)
+        if hooks.status is not None and hooks.status >= 400:
+            raise SimError(f"Simulated error (sim status {hooks.status})", hooks.status)
+        self.check_model(body.get("model"))
+        return hooks, body
+
+    def check_model(self, name: Any) -> None:
+        served = self.sim.config.model
+        if name is not None and name not in ("default", served):
+            raise SimError(
+                f"The model `{name}` does not exist. The served model name is `{served}`."
+            )
+
+    def count_chat(self, body: Mapping[str, Any]) -> int:
+        messages = body.get("messages")
+        if messages is None:
+            raise SimError("messages: Field required")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise SimError("messages: Input should be a valid list of message objects")
+        if not messages:
+            raise SimError("Messages cannot be empty.")
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise SimError("chat_template_kwargs: Input should be a valid dictionary")
+        # SGLang passes the request's reasoning_effort to the template next to the kwargs.
+        kwargs = {"reasoning_effort": body.get("reasoning_effort"), **kwargs}
+        tools, tool_choice = body.get("tools"), body.get("tool_choice")
+        try:
+            return self.sim.counter.count_chat(messages, tools, tool_choice=tool_choice, **kwargs)
+        except Exception as exc:  # a template refusing the conversation is the client's 400
+            raise SimError(str(exc) or type(exc).__name__) from None
+
+    def count_prompt(self, prompt: Any) -> int:
+        if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.sim.counter.count_text(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return len(prompt)
+        if prompt is None:
+            raise SimError("prompt: Field required")
+        raise SimError("The simulator takes one prompt per request (a string or token ids).")
+
+    def make_job(
+        self,
+        body: Mapping[str, Any],
+        hooks: Hooks,
+        prompt: int,
+        prefix: str,
+        default: tuple[int, bool],
+    ) -> Job:
+        context = self.sim.config.context_length
+        limit = positive_int(body, "max_completion_tokens", "max_tokens")
+        refusal = context_error(prompt, limit, context)
+        if refusal is not None:
+            raise refusal
+        target, stops = plan_answer(limit, hooks.completion_tokens, default, context - prompt)
+        stream = body.get("stream") is True
+        options = body.get("stream_options") if stream and not hooks.no_usage else None
+        options = options if isinstance(options, dict) else {}
+        rid = body.get("rid")
+        return Job(
+            rid=rid if isinstance(rid, str) and rid else f"{prefix}-{uuid.uuid4().hex}",
+            model=str(body.get("model") or "default"),
+            prompt_tokens=prompt,
+            target=target,
+            natural_stop=stops,
+            stream=stream,
+            include_usage=bool(options.get("include_usage")),
+            continuous_usage=bool(options.get("continuous_usage_stats")),
+            cached_tokens=min(hooks.cached_tokens, prompt),
+        )
+
+    async def respond(
+        self, request: web.Request, job: Job, hooks: Hooks, wire: ChatWire | CompletionWire
+    ) -> web.StreamResponse:
+        if not job.stream:
+            return await self.respond_whole(job, hooks, wire)
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        async with self.sim.admitted(job):
+            async for text, last in self.sim.generate(job):
+                if not response.prepared:  # like SGLang: the 200 leaves with the first token
+                    await self.open_stream(request, response, wire.opening(job))
+                await response.write(wire.piece(job, text, last))
+                if hooks.fails_after(job.generated):
+                    job.finish_reason = "error"
+                    await response.write(sse({"error": simulated_failure().payload()}) + SSE_DONE)
+                    return response
+            if not response.prepared:
+                await self.open_stream(request, response, wire.opening(job))
+            await response.write(b"".join(wire.closing(job)) + SSE_DONE)
+        return response
+
+    async def open_stream(
+        self, request: web.Request, response: web.StreamResponse, opening: list[bytes]
+    ) -> None:
+        await response.prepare(request)
+        if opening:
+            await response.write(b"".join(opening))
+
+    async def respond_whole(
+        self, job: Job, hooks: Hooks, wire: ChatWire | CompletionWire
+    ) -> web.Response:
+        parts: list[str] = []
+        async with self.sim.admitted(job):
+            async for text, _ in self.sim.generate(job):
+                parts.append(text)
+                if hooks.fails_after(job.generated):
+                    job.finish_reason = "error"
+                    return simulated_failure().response()
+        return json_response(wire.body(job, "".join(parts)))
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return json_response({"object": "list", "data": [self.model_card()]})
+
+    def model_card(self) -> dict[str, Any]:
+        config = self.sim.config
+        return {
+            "id": config.model,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "sglang",
+            "root": config.model,
+            "parent": None,
+            "max_model_len": config.context_length,
+        }
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        return json_response(server_info(self.sim))
+
+    async def load(self, request: web.Request) -> web.Response:
+        sim = self.sim
+        load = {
+            "dp_rank": 0,
+            "num_reqs": len(sim.running) + sim.waiting,
+            "num_waiting_reqs": sim.waiting,
+            "num_tokens": sim.used_tokens(),
+        }
+        return json_response([load])
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.sim.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def abort_request(self, request: web.Request) -> web.Response:
+        try:
+            body = await read_json(request)
+        except SimError as exc:
+            return exc.response()
+        rid = body.get("rid")
+        flagged = self.sim.abort(None if body.get("abort_all") else str(rid))
+        log.info("abort_request %s: %d running request(s) flagged", rid, flagged)
+        return web.Response(status=200)
+
+    async def sim_last_request(self, request: web.Request) -> web.Response:
+        return json_response(self.sim.last_request)
+
+    async def sim_stats(self, request: web.Request) -> web.Response:
+        stats = dataclasses.asdict(self.sim.stats)
+        return json_response({**stats, "running": len(self.sim.running)})
+
+    async def sim_reset(self, request: web.Request) -> web.Response:
+        self.sim.stats = SimStats(peak_running=len(self.sim.running))
+        self.sim.last_request = {}
+        return json_response({})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await read_json(request)
+            self.check_model(body.get("model"))
+            return json_response(self.tokenized(body))
+        except SimError as exc:
+            return exc.response()
+
+    def tokenized(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        counter, context = self.sim.counter, self.sim.config.context_length
+        if not isinstance(counter, TokenizerCounter):
+            raise SimError(f"No tokenizer loaded ({counter.source}); cannot tokenize.")
+        if (body.get("prompt") is None) == (body.get("messages") is None):
+            raise SimError("Exactly one of 'prompt' or 'messages' must be provided.")
+        if body.get("messages") is not None:
+            kwargs = body.get("chat_template_kwargs") or {}
+            tools, tool_choice = body.get("tools"), body.get("tool_choice")
+            try:
+                ids = counter.encode_chat(
+                    body["messages"], tools, tool_choice=tool_choice, **kwargs
+                )
+            except Exception as exc:
+                raise SimError(str(exc) or type(exc).__name__) from None
+            return {"tokens": ids, "count": len(ids), "max_model_len": context}
+        prompt = body["prompt"]
+        if not isinstance(prompt, str):
+            raise SimError("The simulator tokenizes one prompt string per request.")
+        special = body.get("add_special_tokens", True) is not False
+        ids = list(counter.tokenizer.encode(prompt, add_special_tokens=special))
+        return {"tokens": ids, "count": len(ids), "max_model_len": context}
+
+
+def server_info(sim: Simulator) -> dict[str, Any]:
+    """Plausible SGLang server args, flattened, plus the fields SGLang adds to them."""
+    config = sim.config
+    running = config.max_running_requests or None
+    return {
+        "model_path": config.model,
+        "tokenizer_path": sim.counter.source,
+        "served_model_name": config.model,
+        "context_length": config.context_length,
+        "max_total_tokens": config.max_total_tokens,
+        "max_running_requests": running,
+        "tp_size": 1,
+        "schedule_policy": "fcfs",
+        "enable_metrics": True,
+        "enable_cache_report": True,
+        "simulator": {"tokens_per_second": config.tokens_per_second, "ttft_ms": config.ttft_ms},
+        "max_total_num_tokens": config.max_total_tokens,
+        "max_req_input_len": config.context_length - 1,
+        "version": SIMULATOR_VERSION,
+        "internal_states": [
+            {
+                "last_gen_throughput": sim.throughput.rate(),
+                "effective_max_running_requests_per_dp": running,
+            }
+        ],
+    }
+
+
+SIMULATOR_KEY = web.AppKey("simulator", Simulator)
+
+
+def build_app(config: SimulatorConfig) -> web.Application:
+    """The simulator as an aiohttp app; loads the tokenizer now, not on the first request."""
+    sim = Simulator(config)
+    # Compiles the chat template and warms the tokenizer before the first timed request.
+    sim.counter.count_chat([{"role": "user", "content": "안녕하세요"}])
+    api = Api(sim)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[SIMULATOR_KEY] = sim
+    routes = [
+        web.post("/v1/chat/completions", api.chat_completions),
+        web.post("/v1/completions", api.completions),
+        web.get("/v1/models", api.models),
+        web.get("/metrics", api.metrics),
+        web.post("/abort_request", api.abort_request),
+    ]
+    routes += [web.get(path, api.health) for path in ("/health", "/health_generate")]
+    routes += [web.get(path, api.server_info) for path in ("/get_server_info", "/server_info")]
+    routes += [web.get("/get_load", api.load), web.get("/v1/loads", api.load)]
+    routes += [web.post(path, api.tokenize) for path in ("/v1/tokenize", "/tokenize")]
+    routes += [web.get("/sim/last_request", api.sim_last_request)]
+    routes += [web.get("/sim/stats", api.sim_stats), web.post("/sim/reset", api.sim_reset)]
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,198 @@
+"""Admin for plans, user quotas and the (read-only) usage ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+from typing import Any
+
+from django.contrib import admin
+from django.contrib.auth.models import User
+from django.core.paginator import Paginator
+from django.db import connections, models
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
+
+from gateway.models import ServedModel
+from quotas.models import LIMIT_FIELDS, Plan, UsageRecord, UserQuota
+
+
+@admin.register(Plan)
+class PlanAdmin(admin.ModelAdmin):
+    list_display = ("name", *LIMIT_FIELDS, "allowed_models")
+    search_fields = ("name",)
+
+
+class UserQuotaInline(admin.StackedInline):
+    """Shown on the user page (accounts/admin.py); blank limits fall back to the plan's."""
+
+    model = UserQuota
+    max_num = 1
+    fields = ("plan", "description", *LIMIT_FIELDS, "allowed_models")
+
+
+def _effective_column(field: str) -> Callable[[UserQuota], str]:
+    model_field = UserQuota._meta.get_field(field)
+    assert isinstance(model_field, models.Field)
+
+    @admin.display(description=model_field.verbose_name)
+    def column(quota: UserQuota) -> str:
+        value = getattr(quota.effective_limits(), field)
+        # Bold marks a per-user override; plain text is the plan's value.
+        return format_html("<b>{}</b>", value) if getattr(quota, field) is not None else str(value)
+
+    column.__name__ = f"effective_{field}"
+    return column
+
+
+@admin.register(UserQuota)
+class UserQuotaAdmin(admin.ModelAdmin):
+    list_display = ("user", "plan", *(_effective_column(field) for field in LIMIT_FIELDS))
+    list_filter = ("plan",)
+    search_fields = ("user__username",)
+    list_select_related = ("user", "plan")
+    autocomplete_fields = ("user",)
+
+
+class EstimatedCountPaginator(Paginator):
+    """A paginator that never counts a whole huge table.
+
+    Unfiltered on PostgreSQL it takes the planner's row estimate (pg_class.reltuples, kept
+    fresh by autovacuum); anywhere else it counts at most `cap + 1` rows, so a count above
+    `cap` means "more than cap". Either way the page count is approximate: a filter narrows
+    the list to what counts.
+    """
+
+    cap = 10_000
+
+    @cached_property
+    def count(self) -> int:
+        queryset = self.object_list
+        if isinstance(queryset, QuerySet) and _is_unfiltered(queryset):
+            estimate = _planner_estimate(queryset)
+            # Small or never-analysed tables (-1) are cheap to count within the cap.
+            if estimate is not None and estimate > self.cap:
+                return estimate
+        if isinstance(queryset, QuerySet):
+            return queryset.order_by().values("pk")[: self.cap + 1].count()
+        return len(queryset)
+
+
+def _is_unfiltered(queryset: QuerySet[Any]) -> bool:
+    query = queryset.query
+    return not query.where and not query.distinct and not query.combinator
+
+
+def _planner_estimate(queryset: QuerySet[Any]) -> int | None:
+    connection = connections[queryset.db]
+    if connection.vendor != "postgresql":
+        return None
+    table = connection.ops.quote_name(queryset.model._meta.db_table)
+    with connection.cursor() as cursor:
+        # to_regclass resolves the name through search_path, as the ORM's queries do.
+        cursor.execute("SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)", [table])
+        row = cursor.fetchone()
+    return int(row[0]) if row is not None else None
+
+
+class ServedModelFilter(admin.SimpleListFilter):
+    # The model list comes from the small ServedModel table: a DISTINCT over the ledger would
+    # read all of it.
+    title = _("model")
+    parameter_name = "model"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        names = ServedModel.objects.order_by("name").values_list("name", flat=True)
+        return [(name, name) for name in names]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(model=self.value()) if self.value() else queryset
+
+
+STATUS_CLASSES = {
+    "2xx": (_("2xx success"), Q(status_code__gte=200, status_code__lt=300)),
+    "4xx": (_("4xx client errors"), Q(status_code__gte=400, status_code__lt=500)),
+    "429": (_("429 rate limited"), Q(status_code=429)),
+    "5xx": (_("5xx upstream errors"), Q(status_code__gte=500)),
+}
+
+
+class StatusFilter(admin.SimpleListFilter):
+    # Fixed classes instead of Django's default filter, which runs a DISTINCT over the ledger.
+    title = _("HTTP status")
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [(value, label) for value, (label, _q) in STATUS_CLASSES.items()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        chosen = STATUS_CLASSES.get(self.value() or "")
+        return queryset.filter(chosen[1]) if chosen else queryset
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    """The ledger is history: viewable, never edited here."""
+
+    list_display = (
+        "request_id",
+        "started_at",
+        "user",
+        "key_prefix",
+        "model",
+        "endpoint",
+        "status_code",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "usage_source",
+        "streamed",
+        "client_disconnected",
+        "upstream_latency_ms",
+        "time_to_first_token_ms",
+    )
+    # No date_hierarchy: it runs DISTINCT date queries over the whole table. The date filter
+    # below only adds a range condition that the started_at index serves.
+    list_filter = (
+        ServedModelFilter,
+        StatusFilter,
+        "streamed",
+        "usage_source",
+        ("started_at", admin.DateFieldListFilter),
+    )
+    # Searched by get_search_results below; listed here so that the admin shows the box.
+    search_fields = ("request_id", "user__username")
+    search_help_text = _("An exact request id or username.")
+    list_select_related = ("user", "api_key")
+    ordering = ("-started_at",)
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # facet counts would scan the table per filter choice
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        # Exact, case-sensitive matches only: "=field" means iexact, whose UPPER() skips the
+        # indexes, and an OR across the user join cannot use them either. Resolving the
+        # username first leaves two index lookups on the ledger.
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        user_ids = User.objects.filter(username=term).values_list("pk", flat=True)
+        return queryset.filter(Q(request_id=term) | Q(user_id__in=list(user_ids))), False
+
+    @admin.display(description=_("API key"))
+    def key_prefix(self, record: UsageRecord) -> str:
+        # No FK constraint: a deleted key joins as None.
+        return f"{record.api_key.prefix}…" if record.api_key is not None else "-"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
