@@ -32,6 +32,7 @@ from gateway.errors import GatewayError
 from gateway.ledger import LedgerWriter, UsageEvent
 from gateway.limits import Limits, make_backend
 from gateway.proxy import CHAT, COMPLETIONS, Call, Proxy
+from gateway.tokenize import check_tokenize_body, tokenize
 from gateway.upstream import Upstream
 from gateway.validation import parse_json_object, require_model, validate_chat, validate_completion
 from quotas.limiter import Clock, ratelimit_headers, reservation_for, system_clock
@@ -68,6 +69,7 @@ class Gateway:
             "/v1/chat/completions": ("POST", self.chat_completions),
             "/v1/completions": ("POST", self.completions),
             "/v1/models": ("GET", self.list_models),
+            "/v1/tokenize": ("POST", self.tokenize),
             "/health": ("GET", self.health),
         }
 
@@ -222,6 +224,14 @@ class Gateway:
                     }
                 )
         await out.json(200, {"object": "list", "data": cards})
+
+    async def tokenize(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        grant = await self.authenticate(scope)
+        body = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
+        data = parse_json_object(body)
+        model = await self._resolve(require_model(data), grant)
+        check_tokenize_body(data)
+        await out.json(200, await tokenize(self.counters, model, data, len(body)))
 
     async def health(self, scope: Scope, receive: Receive, out: Responder) -> None:
         report = await health.report(self)

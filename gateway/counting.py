@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 INLINE_COUNT_MAX_BYTES = 8 * 1024
 CHAT_TEMPLATE_FIELDS = ("chat_template_kwargs",)
 
-_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="token-count")
+token_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="token-count")
 
 
 class Counters:
@@ -33,7 +33,7 @@ class Counters:
         """Start loading every model's tokenizer in the background (called on catalog loads)."""
         for model in models:
             if model.name not in self._ready:
-                _executor.submit(self._load_sync, model)
+                token_executor.submit(self._load_sync, model)
 
     def source(self, model: ModelInfo) -> str:
         counter = self._ready.get(model.name)
@@ -44,7 +44,7 @@ class Counters:
         if counter is not None:
             return counter
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_executor, self._load_sync, model)
+        return await loop.run_in_executor(token_executor, self._load_sync, model)
 
     def _load_sync(self, model: ModelInfo) -> TokenCounter:
         counter = get_counter(model.name, model.tokenizer, model.korean_factor)
@@ -58,7 +58,7 @@ class Counters:
         if size <= INLINE_COUNT_MAX_BYTES:
             return _count(counter, endpoint, body)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_executor, _count, counter, endpoint, body)
+        return await loop.run_in_executor(token_executor, _count, counter, endpoint, body)
 
 
 def _count(counter: TokenCounter, endpoint: str, body: dict[str, Any]) -> int:

@@ -188,10 +188,6 @@ class Proxy:
                 prompt_tokens=call.prompt_count if produced else 0, completion_tokens=completion
             )
             source = "gateway" if produced else "none"
-        # Replace the reservation with what was used: a refund, an overrun, or (nothing was
-        # produced) a full release.
-        used = usage.prompt_tokens + usage.completion_tokens
-        await self.limits.settle(call.grant, call.request_id, used)
         if call.client_disconnected and call.status == 0:
             call.status = 499  # nginx's "client closed request": nothing was sent back
         self.ledger.record(
@@ -216,6 +212,15 @@ class Proxy:
                 ttft_ms=call.ttft_ms,
             )
         )
+        # Replace the reservation with what was used: a refund, an overrun, or (nothing was
+        # produced) a full release. After the ledger append, so that no failure here loses the
+        # row; an unsettled reservation is released when its lease runs out.
+        try:
+            await self.limits.settle(
+                call.grant, call.request_id, usage.prompt_tokens + usage.completion_tokens
+            )
+        except Exception:
+            log.exception("settling %s failed", call.request_id)
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

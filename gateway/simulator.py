@@ -34,6 +34,9 @@ start or the last reset) and `POST /sim/reset`.
 A client disconnect cancels the handler (aiohttp `handler_cancellation=True`), which is how SGLang
 aborts generation; it is counted in `sglang:num_aborted_requests_total`. So is
 `POST /abort_request {"rid": …}` for a request that passed its own `rid`.
+
+The wire format (bodies, chunks, SSE, errors) is in `gateway.simulator_wire`, the Prometheus
+metrics in `gateway.simulator_metrics`.
 """
 
 from __future__ import annotations
@@ -45,16 +48,26 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 
+from gateway.simulator_metrics import SimMetrics, ThroughputMeter
+from gateway.simulator_wire import (
+    SSE_DONE,
+    SSE_HEADERS,
+    ChatWire,
+    CompletionWire,
+    SimError,
+    json_response,
+    simulated_failure,
+    sse,
+)
 from quotas.tokens import TokenCounter, TokenizerCounter, get_counter
 
 log = logging.getLogger(__name__)
@@ -69,11 +82,6 @@ ANSWER_PARAGRAPH = (
     "안녕하세요. 저는 한국어로 답변하는 시뮬레이터입니다. 오늘은 좋은 하루가 될 것입니다. "
     "이 문장은 같은 순서로 계속 반복됩니다. 질문이 있으면 언제든지 물어보세요. 감사합니다."
 )
-SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60)
-ITL_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.06, 0.08, 0.1)
-E2E_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 150, 200, 300)
-QUEUE_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60)
 
 
 @dataclass(frozen=True)
@@ -86,57 +94,6 @@ class SimulatorConfig:
     max_total_tokens: int = 262144
     max_running_requests: int = 0  # 0 = no limit, nothing ever queues
     answer_tokens: int = 64
-
-
-class SimError(Exception):
-    """An error answered in SGLang's flat shape."""
-
-    def __init__(self, message: str, status: int = 400, err_type: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.err_type = err_type or error_type(status)
-
-    def payload(self) -> dict[str, Any]:
-        return {
-            "object": "error",
-            "message": self.message,
-            "type": self.err_type,
-            "param": None,
-            "code": self.status,
-        }
-
-    def response(self) -> web.Response:
-        return json_response(self.payload(), status=self.status)
-
-
-def error_type(status: int) -> str:
-    if status == 400:
-        return "BadRequestError"
-    if status == 500:
-        return "InternalServerError"
-    try:
-        words = HTTPStatus(status).name.split("_")
-    except ValueError:
-        return "Error"
-    return "".join(word.title() for word in words) + "Error"
-
-
-def dumps(payload: Any) -> bytes:
-    # Compact UTF-8, as SGLang's orjson/pydantic/msgspec encoders write it.
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def json_response(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(body=dumps(payload), status=status, content_type="application/json")
-
-
-def sse(payload: Any) -> bytes:
-    return b"data: " + dumps(payload) + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-METADATA = {"weight_version": "default"}
 
 
 # --- The answer ---------------------------------------------------------------------------------
@@ -181,7 +138,7 @@ def _token_pieces(counter: TokenizerCounter, text: str) -> list[tuple[str, int]]
     return pieces
 
 
-# --- Requests in flight and metrics -----------------------------------------------------------
+# --- Requests in flight -----------------------------------------------------------------------
 
 
 @dataclass
@@ -253,60 +210,6 @@ class Hooks:
 
     def fails_after(self, generated: int) -> bool:
         return self.error_after_tokens is not None and generated >= self.error_after_tokens
-
-
-class ThroughputMeter:
-    """Tokens per second over the last full interval, like SGLang's last_gen_throughput."""
-
-    def __init__(self, interval: float = 5.0) -> None:
-        self.interval = interval
-        self.tokens = 0
-        self.mark = (time.monotonic(), 0)
-        self.last_rate = 0.0
-
-    def rate(self) -> float:
-        now = time.monotonic()
-        since, tokens_then = self.mark
-        if now - since >= self.interval:
-            self.last_rate = (self.tokens - tokens_then) / (now - since)
-            self.mark = (now, self.tokens)
-        return self.last_rate
-
-
-class SimMetrics:
-    """SGLang's Prometheus metric names, in a registry of the simulator's own."""
-
-    def __init__(self, sim: Simulator) -> None:
-        self.registry = registry = CollectorRegistry()
-        model, labels = sim.config.model, ["model_name"]
-
-        def counter(name: str, doc: str) -> Any:
-            return Counter(name, doc, labels, registry=registry).labels(model)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
-            return Histogram(name, doc, labels, buckets=buckets, registry=registry).labels(model)
-
-        def gauge(name: str, doc: str, read: Callable[[], float]) -> None:
-            Gauge(name, doc, labels, registry=registry).labels(model).set_function(read)
-
-        self.prompt_tokens = counter("sglang:prompt_tokens", "Prefill tokens processed")
-        self.generation_tokens = counter("sglang:generation_tokens", "Tokens generated")
-        self.cached_tokens = counter("sglang:cached_tokens", "Prompt tokens from prefix cache")
-        self.requests = counter("sglang:num_requests", "Requests finished (aborts included)")
-        self.aborted = counter("sglang:num_aborted_requests", "Requests aborted")
-        self.ttft = histogram("sglang:time_to_first_token_seconds", "TTFT", TTFT_BUCKETS)
-        self.itl = histogram("sglang:inter_token_latency_seconds", "Between tokens", ITL_BUCKETS)
-        self.e2e = histogram("sglang:e2e_request_latency_seconds", "Whole request", E2E_BUCKETS)
-        self.queue_time = histogram("sglang:queue_time_seconds", "Waiting to run", QUEUE_BUCKETS)
-        gauge("sglang:num_running_reqs", "Requests generating", lambda: len(sim.running))
-        gauge("sglang:num_queue_reqs", "Requests waiting", lambda: sim.waiting)
-        gauge("sglang:num_used_tokens", "KV tokens in use", sim.used_tokens)
-        gauge("sglang:token_usage", "KV pool use, 0-1", sim.token_usage)
-        gauge("sglang:max_total_num_tokens", "KV pool size", lambda: sim.config.max_total_tokens)
-        gauge("sglang:gen_throughput", "Tokens per second", sim.throughput.rate)
-        gauge("sglang:cache_hit_rate", "Prefix cache hit rate", sim.cache_hit_rate)
-        gauge("sglang:num_retracted_reqs", "Retracted requests (never here)", lambda: 0)
-        gauge("sglang:utilization", "Share of the KV pool in use", sim.token_usage)
 
 
 class Simulator:
@@ -418,99 +321,6 @@ class Simulator:
         self.stats.prompt_tokens += job.prompt_tokens
 
 
-# --- Wire formats -------------------------------------------------------------------------------
-
-
-def usage_of(job: Job, *, drop_none: bool = False) -> dict[str, Any]:
-    """SGLang's UsageInfo; prompt_tokens_details only when some prompt tokens were cached."""
-    prompt, completion = job.prompt_tokens, job.generated
-    details = {"cached_tokens": job.cached_tokens} if job.cached_tokens else None
-    usage: dict[str, Any] = {
-        "prompt_tokens": prompt,
-        "total_tokens": prompt + completion,
-        "completion_tokens": completion,
-        "prompt_tokens_details": details,
-        "reasoning_tokens": 0,
-    }
-    return {k: v for k, v in usage.items() if v is not None} if drop_none else usage
-
-
-def envelope(job: Job, kind: str, choices: list[Any], **extra: Any) -> dict[str, Any]:
-    head = {"id": job.rid, "object": kind, "created": job.created, "model": job.model}
-    return {**head, "choices": choices, **extra}
-
-
-def choice(finish: str | None = None, matched: int | None = None, **body: Any) -> dict[str, Any]:
-    return {"index": 0, **body, "logprobs": None, "finish_reason": finish, "matched_stop": matched}
-
-
-class ChatWire:
-    """chat.completion bodies; chunks shaped like SGLang's build_sse_content (no null usage)."""
-
-    CHUNK = "chat.completion.chunk"
-
-    def __init__(self, sim: Simulator) -> None:
-        self.sim = sim
-
-    def opening(self, job: Job) -> list[bytes]:
-        return [
-            sse(envelope(job, self.CHUNK, [choice(delta={"role": "assistant", "content": ""})]))
-        ]
-
-    def piece(self, job: Job, text: str, last: bool) -> bytes:
-        extra = {"usage": usage_of(job)} if job.continuous_usage else {}
-        return sse(envelope(job, self.CHUNK, [choice(delta={"content": text})], **extra))
-
-    def closing(self, job: Job) -> list[bytes]:
-        end = choice(job.finish_reason, self.sim.matched_stop(job), delta={})
-        out = [sse(envelope(job, self.CHUNK, [end]))]
-        if job.include_usage:
-            out.append(sse(envelope(job, self.CHUNK, [], usage=usage_of(job))))
-        return out
-
-    def body(self, job: Job, text: str) -> dict[str, Any]:
-        message = {
-            "role": "assistant",
-            "content": text or None,
-            "reasoning_content": None,
-            "tool_calls": None,
-        }
-        end = choice(job.finish_reason, self.sim.matched_stop(job), message=message)
-        return envelope(job, "chat.completion", [end], usage=usage_of(job), metadata=METADATA)
-
-
-class CompletionWire:
-    """text_completion bodies; the last text chunk carries finish_reason, as in SGLang."""
-
-    KIND = "text_completion"
-
-    def __init__(self, sim: Simulator) -> None:
-        self.sim = sim
-
-    def text(self, job: Job, text: str, finish: str | None) -> dict[str, Any]:
-        return choice(finish, self.sim.matched_stop(job) if finish else None, text=text)
-
-    def opening(self, job: Job) -> list[bytes]:
-        return []
-
-    def piece(self, job: Job, text: str, last: bool) -> bytes:
-        usage = usage_of(job) if job.continuous_usage else None
-        chosen = self.text(job, text, job.finish_reason if last else None)
-        return sse(envelope(job, self.KIND, [chosen], usage=usage))
-
-    def closing(self, job: Job) -> list[bytes]:
-        out = []
-        if job.finish_reason == "abort":
-            out.append(sse(envelope(job, self.KIND, [self.text(job, "", "abort")], usage=None)))
-        if job.include_usage:  # SGLang dumps this one with exclude_none
-            out.append(sse(envelope(job, self.KIND, [], usage=usage_of(job, drop_none=True))))
-        return out
-
-    def body(self, job: Job, text: str) -> dict[str, Any]:
-        chosen = self.text(job, text, job.finish_reason)
-        return envelope(job, self.KIND, [chosen], usage=usage_of(job), metadata=METADATA)
-
-
 # --- HTTP ---------------------------------------------------------------------------------------
 
 
@@ -566,10 +376,6 @@ def context_error(prompt: int, limit: int | None, context: int) -> SimError | No
             "tokens in the input messages or the completion to fit within the limit."
         )
     return None
-
-
-def simulated_failure() -> SimError:
-    return SimError("Simulated failure (sim error_after_tokens)", 500)
 
 
 class Api:

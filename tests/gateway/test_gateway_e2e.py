@@ -367,3 +367,45 @@ def test_health_is_503_when_the_database_is_unreachable(tmp_path) -> None:
     assert response.status_code == 503
     report = response.json()
     assert report["status"] == "unavailable" and report["database"]["ok"] is False
+
+
+def test_tokenize_counts_like_the_upstream_bills_and_charges_nothing(world: World) -> None:
+    from quotas.models import UsageRecord
+
+    with world.db():
+        rows_before = UsageRecord.objects.count()
+    chat = post(world, "/tokenize", {"model": "korean-qwen", "messages": KOREAN_CHAT}).json()
+    assert chat["count"] == len(chat["tokens"]) == get_counter(FAST_MODEL).count_chat(KOREAN_CHAT)
+    assert chat["max_model_len"] == 32768 and "estimated" not in chat
+    upstream = httpx.post(
+        f"{world.fast_upstream}/v1/tokenize",
+        json={"model": FAST_MODEL, "messages": KOREAN_CHAT},
+        timeout=10,
+    ).json()
+    assert upstream["tokens"] == chat["tokens"]
+    text = post(world, "/tokenize", {"model": "korean-qwen", "prompt": "대한민국의 수도는"}).json()
+    assert text["count"] == get_counter(FAST_MODEL).count_text("대한민국의 수도는")
+    time.sleep(0.5)  # longer than the ledger flush interval
+    with world.db():
+        assert UsageRecord.objects.count() == rows_before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "korean-qwen"},
+        {"model": "korean-qwen", "prompt": "a", "messages": KOREAN_CHAT},
+        {"model": "korean-qwen", "prompt": 5},
+        {"model": "korean-qwen", "messages": []},
+        {"messages": KOREAN_CHAT},
+    ],
+)
+def test_tokenize_bad_input_is_400(world: World, body: dict) -> None:
+    response = post(world, "/tokenize", body)
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_tokenize_needs_a_key(world: World) -> None:
+    response = post(world, "/tokenize", {"model": "korean-qwen", "prompt": "a"}, key=None)
+    assert response.status_code == 401
