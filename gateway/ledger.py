@@ -113,39 +113,37 @@ class LedgerWriter:
 
 def _write_batch(batch: list[UsageEvent]) -> None:
     from accounts.services import touch_last_used
-    from quotas.models import UsageRecord
-    from quotas.services import write_usage_records
+    from quotas.services import write_usage_rows
 
-    rows = [
-        UsageRecord(
-            request_id=e.request_id,
-            user_id=e.user_id,
-            api_key_id=e.key_id,
-            model=e.model,
-            endpoint=e.endpoint,
-            prompt_tokens=e.prompt_tokens,
-            completion_tokens=e.completion_tokens,
-            cached_tokens=e.cached_tokens,
-            estimated_prompt_tokens=e.estimated_prompt_tokens,
-            usage_source=e.usage_source,
-            status_code=e.status_code,
-            error_type=e.error_type,
-            streamed=e.streamed,
-            client_disconnected=e.client_disconnected,
-            started_at=_aware(e.started_at),
-            finished_at=_aware(e.finished_at),
-            upstream_latency_ms=e.upstream_latency_ms,
-            time_to_first_token_ms=e.ttft_ms,
-        )
-        for e in batch
-    ]
-    write_usage_records(rows)
-    last_used: dict[int, datetime] = {}
+    write_usage_rows(
+        [
+            (
+                e.request_id,
+                e.user_id,
+                e.key_id,
+                e.model,
+                e.endpoint,
+                e.prompt_tokens,
+                e.completion_tokens,
+                e.cached_tokens,
+                e.estimated_prompt_tokens,
+                e.usage_source,
+                e.status_code,
+                e.error_type,
+                e.streamed,
+                e.client_disconnected,
+                _aware(e.started_at),
+                _aware(e.finished_at),
+                e.upstream_latency_ms,
+                e.ttft_ms,
+            )
+            for e in batch
+        ]
+    )
+    last_used: dict[int, float] = {}
     for e in batch:
-        when = _aware(e.started_at)
-        if e.key_id not in last_used or last_used[e.key_id] < when:
-            last_used[e.key_id] = when
-    touch_last_used(last_used)
+        last_used[e.key_id] = max(e.started_at, last_used.get(e.key_id, 0.0))
+    touch_last_used({key_id: _aware(when) for key_id, when in last_used.items()})
 
 
 def _aware(epoch: float) -> datetime:

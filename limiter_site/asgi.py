@@ -3,6 +3,7 @@
 `/v1/…` and `/health` go straight to the gateway's raw ASGI app; everything else is Django.
 """
 
+import gc
 import os
 
 from channels.routing import ProtocolTypeRouter
@@ -17,3 +18,9 @@ from gateway.mount import mount_gateway, refuse_insecure_settings  # noqa: E402
 refuse_insecure_settings()
 gateway = Gateway()
 application = ProtocolTypeRouter({"http": mount_gateway(gateway, django_app), "lifespan": gateway})
+
+# Everything imported so far (Django, transformers, the tokenizer) lives as long as the
+# process: keep it out of the garbage collector's full passes, whose stalls set the p99 tail
+# (LiteLLM's 0.4 s stalls, ../shared/reference/peers.md).
+gc.collect()
+gc.freeze()

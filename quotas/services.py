@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.contrib.auth.models import User
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils.translation import gettext
 
 from accounts.models import ApiKey
@@ -116,11 +116,52 @@ def _plan_limits(plan: Plan) -> Limits:
     )
 
 
-def write_usage_records(records: list[UsageRecord]) -> int:
-    """Insert a batch of ledger rows; a request id already present is skipped (replay-safe)."""
-    with transaction.atomic():
-        created = UsageRecord.objects.bulk_create(records, ignore_conflicts=True)
-    return len(created)
+# Column order of the tuples `write_usage_rows` takes.
+LEDGER_COLUMNS = (
+    "request_id",
+    "user_id",
+    "api_key_id",
+    "model",
+    "endpoint",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "estimated_prompt_tokens",
+    "usage_source",
+    "status_code",
+    "error_type",
+    "streamed",
+    "client_disconnected",
+    "started_at",
+    "finished_at",
+    "upstream_latency_ms",
+    "time_to_first_token_ms",
+)
+
+
+def write_usage_rows(rows: list[tuple[Any, ...]]) -> None:
+    """Insert a batch of ledger rows (tuples in LEDGER_COLUMNS order, datetimes aware); a
+    request id already present is skipped, so a replayed batch inserts nothing twice.
+
+    Raw SQL rather than bulk_create: building model instances cost ~45 ms of CPU per 1,000
+    rows, time the gateway's event loop waits for the GIL.
+    """
+    started, finished = LEDGER_COLUMNS.index("started_at"), LEDGER_COLUMNS.index("finished_at")
+    adapt = connection.ops.adapt_datetimefield_value
+    params = [
+        (*row[:started], adapt(row[started]), adapt(row[finished]), *row[finished + 1 :])
+        for row in rows
+    ]
+    # executemany: parsed once, then pipelined by psycopg 3 (one multi-row VALUES statement
+    # cost more, in psycopg's query conversion, than it saved in round trips).
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.executemany(LEDGER_INSERT_SQL, params)
+
+
+LEDGER_INSERT_SQL = (
+    f"INSERT INTO {UsageRecord._meta.db_table} ({', '.join(LEDGER_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(LEDGER_COLUMNS))}) ON CONFLICT (request_id) DO NOTHING"
+)
 
 
 def set_plan_limits(plan: Plan, **limits: int) -> bool:
