@@ -16,7 +16,12 @@ from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
 from accounts.models import ApiKey
-from accounts.services import create_api_key, revoke_api_keys, update_api_key
+from accounts.services import (
+    KEY_LIMIT_FIELDS,
+    create_api_key,
+    revoke_api_keys,
+    update_api_key,
+)
 from quotas.admin import UserQuotaInline
 
 
@@ -55,7 +60,7 @@ class ExpiredFilter(YesNoFilter):
 
 # What the add form asks for; everything else comes from create_api_key.
 ADD_FIELDS = ("user", "name", "expires_at")
-EDITABLE_FIELDS = ("name", "expires_at")
+EDITABLE_FIELDS = ("name", "expires_at", *KEY_LIMIT_FIELDS)
 CHANGE_FIELDS = (
     "prefix",
     "user",
@@ -65,6 +70,7 @@ CHANGE_FIELDS = (
     "last_used_at",
     "revoked_at",
     "imported",
+    *KEY_LIMIT_FIELDS,
 )
 
 
@@ -104,7 +110,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
         if change:
             # The form has already copied its values onto obj: compare against the stored row.
             stored = ApiKey.objects.get(pk=obj.pk)
-            update_api_key(stored, name=data["name"], expires_at=data["expires_at"])
+            limits = {field: data.get(field) for field in KEY_LIMIT_FIELDS}
+            update_api_key(stored, name=data["name"], expires_at=data["expires_at"], **limits)
             return
         key, raw_key = create_api_key(
             data["user"], name=data["name"], expires_at=data["expires_at"]

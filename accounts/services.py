@@ -110,13 +110,29 @@ def get_or_create_user(username: str) -> tuple[User, bool]:
     return User.objects.get_or_create(username=username)
 
 
-def update_api_key(key: ApiKey, *, name: str, expires_at: datetime | None) -> bool:
-    """Change what an operator may change on a key; returns whether anything changed.
+# A key's own limits, tighter than its user's; None = only the user's limits apply.
+KEY_LIMIT_FIELDS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "tokens_per_hour",
+    "tokens_per_day",
+    "max_parallel_requests",
+)
+
+
+def update_api_key(
+    key: ApiKey, *, name: str, expires_at: datetime | None, **limits: int | None
+) -> bool:
+    """Change what an operator may change on a key (name, expiry, its own limits); returns
+    whether anything changed.
 
     Only these columns are written: a full save() from a form opened earlier would put back an
     old revoked_at (un-revoking a key revoked meanwhile) or an old last_used_at.
     """
-    wanted = {"name": name, "expires_at": expires_at}
+    unknown = set(limits) - set(KEY_LIMIT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown key limit fields: {sorted(unknown)}")
+    wanted: dict[str, object] = {"name": name, "expires_at": expires_at, **limits}
     changed = [field for field, value in wanted.items() if getattr(key, field) != value]
     for field in changed:
         setattr(key, field, wanted[field])

@@ -8,6 +8,7 @@ prompt never holds up the other requests on this event loop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -49,6 +50,7 @@ class Counters:
     def _load_sync(self, model: ModelInfo) -> TokenCounter:
         counter = get_counter(model.name, model.tokenizer, model.korean_factor)
         self._ready[model.name] = counter
+        gc.freeze()  # the tokenizer lives as long as the process: see limiter_site/asgi.py
         return counter
 
     async def count_prompt(

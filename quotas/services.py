@@ -11,6 +11,7 @@ from django.db import connection, transaction
 from django.utils.translation import gettext
 
 from accounts.models import ApiKey
+from accounts.services import KEY_LIMIT_FIELDS
 from gateway.models import ServedModel
 from quotas.models import LIMIT_FIELDS, Limits, Plan, UsageRecord, UserQuota
 
@@ -84,15 +85,6 @@ def load_key_grant(key_hash: str) -> KeyGrant | None:
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
         revoked=key.revoked_at is not None or not key.user.is_active,
     )
-
-
-KEY_LIMIT_FIELDS = (
-    "requests_per_minute",
-    "tokens_per_minute",
-    "tokens_per_hour",
-    "tokens_per_day",
-    "max_parallel_requests",
-)
 
 
 def _key_limits(key: ApiKey, user_limits: Limits) -> Limits | None:

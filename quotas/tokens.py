@@ -15,10 +15,12 @@ estimator and says so once in the log.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -59,6 +61,12 @@ FAMILY_FACTORS: dict[str, dict[str, float]] = {
         "other": 1.5,
     },
 }
+# Multi-character strings a family's tokenizer encodes as one token (Hangul words and endings,
+# "▁" marking a leading space), from `manage.py calibrate_tokens`. The estimator counts each match
+# (longest first) as one "unit" and classifies only the characters left over; without units a
+# family is estimated from character classes alone. Space-separated, read by `parse_units`.
+FAMILY_UNITS: dict[str, str] = {}
+UNIT_FEATURE = "unit"
 # The ChatML-like frame around each message (`<|im_start|>role\n` … `<|im_end|>\n`) and the
 # generation prompt (`<|im_start|>assistant\n`).
 MESSAGE_OVERHEAD_TOKENS = 4
@@ -237,18 +245,20 @@ class EstimatingCounter(TokenCounter):
 
     def __init__(self, family: str, korean_factor: float | None = None) -> None:
         factors = dict(FAMILY_FACTORS.get(family, FAMILY_FACTORS["default"]))
+        units = parse_units(FAMILY_UNITS.get(family, "")) if family in FAMILY_FACTORS else ()
         if korean_factor is not None:
+            # An operator's "tokens per Hangul syllable" applies to every syllable: no units.
             factors["hangul"] = korean_factor
+            units = ()
         self.family = family
         self.factors = factors
+        self.units = units_pattern(units)
         self.source = "estimator" if family == "default" else f"estimator:{family}"
 
     def count_text(self, text: str) -> int:
         if not text:
             return 0
-        counts = char_class_counts(text)
-        total = sum(self.factors[name] * n for name, n in counts.items())
-        return max(1, int(total + 0.5))
+        return estimate_tokens(estimator_features(text, self.units), self.factors)
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError(f"{self.source} has no tokenizer and cannot produce token ids")
@@ -532,6 +542,54 @@ def char_class_counts(text: str) -> dict[str, int]:
     counts = {name: coded.count(code) for name, code in _CLASS_CODES.items()}
     counts["other"] = len(text) - sum(counts.values())
     return counts
+
+
+def estimator_features(text: str, units: re.Pattern[str] | None = None) -> dict[str, int]:
+    """The estimator's inputs: `char_class_counts` of what `units` leaves, plus "unit" matches."""
+    found = 0
+    if units is not None:
+        text, found = units.subn("", text)
+    counts = char_class_counts(text)
+    counts[UNIT_FEATURE] = found
+    return counts
+
+
+def estimate_tokens(features: Mapping[str, float], factors: Mapping[str, float]) -> int:
+    """Σ factor × count, rounded, at least 1 (for non-empty text; callers handle "")."""
+    total = sum(factors.get(name, 0.0) * n for name, n in features.items())
+    return max(1, int(total + 0.5))
+
+
+def parse_units(spec: str) -> tuple[str, ...]:
+    """Units written as FAMILY_UNITS stores them: space-separated, "▁" for a leading space."""
+    return tuple(unit.replace("▁", " ") for unit in spec.split())
+
+
+def units_pattern(units: Iterable[str]) -> re.Pattern[str] | None:
+    """One regex matching any unit, longest first (a trie, so matching stays fast)."""
+    return _units_pattern(tuple(sorted(set(units))))
+
+
+@functools.lru_cache(maxsize=16)
+def _units_pattern(units: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not units:
+        return None
+    trie: dict[str, Any] = {}
+    for unit in units:
+        node = trie
+        for char in unit:
+            node = node.setdefault(char, {})
+        node[""] = {}
+    return re.compile(_trie_regex(trie))
+
+
+def _trie_regex(node: Mapping[str, Any]) -> str:
+    # Children before the end of a unit: a greedy "?" tries the longer unit first.
+    branches = [re.escape(char) + _trie_regex(child) for char, child in node.items() if char]
+    if not branches:
+        return ""
+    body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+    return f"(?:{body})?" if "" in node else body
 
 
 def _build_translation() -> dict[int, str]:

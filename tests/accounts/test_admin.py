@@ -26,6 +26,7 @@ from accounts.services import create_api_key, hash_key
 from gateway.models import ServedModel
 from quotas.admin import EstimatedCountPaginator
 from quotas.models import Plan, UsageRecord, UserQuota
+from quotas.services import load_key_grant
 
 CONFIG = Path(settings.BASE_DIR) / "config"
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
@@ -207,11 +208,19 @@ def test_the_add_form_asks_only_for_user_name_and_expiry(client: Client) -> None
     assert list(response.context["adminform"].form.fields) == ["user", "name", "expires_at"]
 
 
-def test_editing_a_key_changes_only_name_and_expiry(client: Client, data: None) -> None:
+def test_editing_a_key_changes_only_name_expiry_and_its_limits(client: Client, data: None) -> None:
     key = ApiKey.objects.get(user__username="사용자1")
     other = User.objects.get(username="테스트")
     page = client.get(url(ApiKey, "change", key.pk))
-    assert list(page.context["adminform"].form.fields) == ["name", "expires_at"]
+    assert list(page.context["adminform"].form.fields) == [
+        "name",
+        "expires_at",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "tokens_per_hour",
+        "tokens_per_day",
+        "max_parallel_requests",
+    ]
     # Revoked by someone else while this form was open: saving must not undo it.
     ApiKey.objects.filter(pk=key.pk).update(revoked_at=timezone.now())
     form = {
@@ -221,12 +230,18 @@ def test_editing_a_key_changes_only_name_and_expiry(client: Client, data: None) 
         "user": other.pk,
         "revoked_at_0": "",
         "key_hash": "0" * 64,
+        "tokens_per_minute": "500",
     }
 
     response = client.post(url(ApiKey, "change", key.pk), form)
 
     assert response.status_code == 302
     key.refresh_from_db()
+    assert key.tokens_per_minute == 500 and key.requests_per_minute is None
+    grant = load_key_grant(key.key_hash)
+    assert grant is not None and grant.key_limits is not None
+    assert grant.key_limits.tokens_per_minute == 500 and grant.key_limits.requests_per_minute == 0
+    assert grant.key_limits.cooldown_minutes == grant.limits.cooldown_minutes
     assert key.name == "새 이름"
     assert key.expires_at is not None and key.expires_at.year == 2030
     assert key.user.username == "사용자1"
