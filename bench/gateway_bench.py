@@ -88,7 +88,7 @@ async def load(url: str, key: str | None, clients: int, seconds: float, stream: 
 
 
 @contextmanager
-def world(database_url: str) -> Iterator[dict[str, str | int]]:
+def world(database_url: str, redis_url: str = "") -> Iterator[dict[str, str | int]]:
     env = {"DATABASE_URL": database_url, "DEBUG": "1"}
     os.environ.update(env)
     subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, check=True)
@@ -104,6 +104,8 @@ def world(database_url: str) -> Iterator[dict[str, str | int]]:
             )
         )  # fmt: skip
         gateway_env = {**env, "SGLANG_URL": sim, "LOG_LEVEL": "WARNING"}
+        if redis_url:  # the production limiter: shared Redis instead of the embedded one
+            gateway_env.update(REDIS_URL=redis_url, LIMITER_REDIS_PREFIX=f"bench-{os.getpid()}")
         daphne_port, uvicorn_port = free_port(), free_port()
         daphne = stack.enter_context(
             running(
@@ -197,16 +199,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--database-url", default="")
+    parser.add_argument("--redis-url", default="", help="limit through Redis (default: embedded)")
     parser.add_argument("--write", type=Path, help="replace the gateway section of this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         database_url = args.database_url or f"sqlite:///{tmp}/bench.sqlite3"
-        with world(database_url) as w:
+        with world(database_url, args.redis_url) as w:
             results = measure(w, args.seconds, args.rounds)
     text = table(results)
     print(text)
     if args.write:
-        write_section(args.write, "gateway", text)
+        write_section(args.write, "gateway-redis" if args.redis_url else "gateway", text)
 
 
 def write_section(path: Path, name: str, body: str) -> None:

@@ -409,3 +409,30 @@ def test_tokenize_bad_input_is_400(world: World, body: dict) -> None:
 def test_tokenize_needs_a_key(world: World) -> None:
     response = post(world, "/tokenize", {"model": "korean-qwen", "prompt": "a"}, key=None)
     assert response.status_code == 401
+
+
+def test_the_same_application_serves_under_uvicorn(world: World) -> None:
+    from tests.gateway.conftest import database_url_for_subprocess
+    from tests.procs import free_port, running
+
+    with world.db():
+        env = {"DATABASE_URL": database_url_for_subprocess(), "SGLANG_URL": world.fast_upstream}
+    port = free_port()
+    args = ["-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop"]
+    args += ["--http", "httptools", "--lifespan", "on", "limiter_site.asgi:application"]
+    with running(args, f"http://127.0.0.1:{port}/health", env) as proc:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=world.keys["dev"], max_retries=0
+        )
+        reply = client.chat.completions.create(
+            model="korean-qwen", messages=KOREAN_CHAT, max_tokens=4
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens == 4
+        chunks = list(
+            client.chat.completions.create(
+                model="korean-qwen", messages=KOREAN_CHAT, max_tokens=4, stream=True
+            )
+        )
+        assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == 4
+    # uvicorn re-raises the SIGTERM it handled, after the lifespan shutdown closed the pool.
+    assert proc.returncode in (0, -15)
