@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from django import forms
 from django.conf import settings
 from django.contrib import admin
-from django.db import models
+from django.db.models import Avg, Count, F, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Abs
 from django.http import HttpRequest
+from django.utils import timezone
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from gateway.models import ServedModel
+from quotas.models import UsageRecord
+from quotas.tokens import get_counter
 
-
-def _formfield(db_field: models.Field[Any, Any], **kwargs: Any) -> forms.Field | None:
-    # Upstreams are usually plain HTTP on a private network: "gpu-1:8000" means http://.
-    if isinstance(db_field, models.URLField):
-        kwargs.setdefault("assume_scheme", "http")
-    return db_field.formfield(**kwargs)
+RECONCILIATION_DAYS = 7
 
 
 class ServedModelForm(forms.ModelForm):
     class Meta:
         model = ServedModel
-        formfield_callback = _formfield
         fields = (
             "name",
             "aliases",
@@ -70,17 +69,47 @@ class ServedModelAdmin(admin.ModelAdmin):
         "korean_factor",
         "request_timeout_seconds",
         "is_active",
+        "token_counter",
+        "reconciliation",
     )
     list_filter = ("is_active",)
     search_fields = ("name",)
 
-    def formfield_for_dbfield(
-        self, db_field: models.Field[Any, Any], request: HttpRequest, **kwargs: Any
-    ) -> forms.Field | None:
-        # The admin builds its form fields again through here (see _formfield).
-        if isinstance(db_field, models.URLField):
-            kwargs.setdefault("assume_scheme", "http")
-        return super().formfield_for_dbfield(db_field, request, **kwargs)
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ServedModel]:
+        # Reconciliation: the gateway's prompt count beside the upstream's, per model, over
+        # the last week. One subquery per column for the whole page, never per row in Python.
+        since = timezone.now() - timedelta(days=RECONCILIATION_DAYS)
+        billed = UsageRecord.objects.filter(
+            model=OuterRef("name"), started_at__gte=since, usage_source="upstream", status_code=200
+        ).values("model")
+        differ = billed.exclude(prompt_tokens=F("estimated_prompt_tokens"))
+        gap = Abs(F("prompt_tokens") - F("estimated_prompt_tokens"))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                checked=Subquery(billed.annotate(n=Count("pk")).values("n")[:1]),
+                differing=Subquery(differ.annotate(n=Count("pk")).values("n")[:1]),
+                mean_gap=Subquery(differ.annotate(g=Avg(gap)).values("g")[:1]),
+            )
+        )
+
+    @admin.display(description=_("token counter"))
+    def token_counter(self, model: ServedModel) -> str:
+        counter = get_counter(model.name, model.tokenizer, model.korean_factor)
+        return counter.source
+
+    @admin.display(description=_("prompt counts vs upstream (7 days)"))
+    def reconciliation(self, model: Any) -> str:
+        if not model.checked:
+            return gettext("no requests yet")
+        if not model.differing:
+            return gettext("all %(checked)d equal") % {"checked": model.checked}
+        return gettext("%(differing)d of %(checked)d differ, by %(gap).1f tokens on average") % {
+            "differing": model.differing,
+            "checked": model.checked,
+            "gap": model.mean_gap or 0,
+        }
 
     @admin.display(description=_("aliases"))
     def alias_list(self, model: ServedModel) -> str:

@@ -178,6 +178,13 @@ class Proxy:
 
     async def _settle(self, call: Call) -> None:
         usage, source = call.usage, "upstream"
+        if usage is not None and call.prompt_count and usage.prompt_tokens != call.prompt_count:
+            # Equal unless the chat template or tokenizer differs from the upstream's: the
+            # admin's served-model list shows how often (reconciliation column).
+            log.warning(
+                "prompt count mismatch for %s: gateway %d, upstream %d (request %s)",
+                call.model.name, call.prompt_count, usage.prompt_tokens, call.request_id,
+            )  # fmt: skip
         if usage is None:
             completion = 0
             if call.generated_text:
