@@ -24,7 +24,7 @@ def count_in_thread(monkeypatch: pytest.MonkeyPatch, text: str) -> tuple[int, st
 
     def spy(*args: object) -> int:
         seen.append(threading.current_thread().name)
-        return real(*args)  # type: ignore[arg-type]
+        return real(*args)
 
     monkeypatch.setattr(counting, "_count", spy)
     body = {"messages": [{"role": "user", "content": text}]}
