@@ -6,6 +6,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, register
+from django.utils.translation import gettext
 
 
 @register("security", deploy=False)
@@ -14,8 +15,10 @@ def check_secret_key(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
     if not settings.DEBUG and settings.SECRET_KEY == settings.DEVELOPMENT_SECRET_KEY:
         return [
             Error(
-                "SECRET_KEY is the development default while DEBUG is off.",
-                hint="Set the SECRET_KEY environment variable to a long random value, or DEBUG=1.",
+                gettext("SECRET_KEY is the development default while DEBUG is off."),
+                hint=gettext(
+                    "Set the SECRET_KEY environment variable to a long random value, or DEBUG=1."
+                ),
                 id="accounts.E001",
             )
         ]

@@ -121,6 +121,7 @@ class UsageRecord(models.Model):
         db_constraint=False,
         null=True,
         related_name="usage_records",
+        verbose_name=_("user"),
     )
     api_key = models.ForeignKey(
         "accounts.ApiKey",
@@ -128,6 +129,7 @@ class UsageRecord(models.Model):
         db_constraint=False,
         null=True,
         related_name="usage_records",
+        verbose_name=_("API key"),
     )
     model = models.CharField(_("model"), max_length=200)
     endpoint = models.CharField(_("endpoint"), max_length=40)

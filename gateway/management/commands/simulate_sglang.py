@@ -71,10 +71,14 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         for name in ("tokens_per_second", "ttft_ms", "max_running_requests"):
             if options[name] < 0:
-                raise CommandError(_("--%(name)s must not be negative") % {"name": name})
+                raise CommandError(
+                    _("--%(name)s must not be negative") % {"name": name.replace("_", "-")}
+                )
         for name in ("context_length", "max_total_tokens", "answer_tokens"):
             if options[name] < 1:
-                raise CommandError(_("--%(name)s must be positive") % {"name": name})
+                raise CommandError(
+                    _("--%(name)s must be positive") % {"name": name.replace("_", "-")}
+                )
         config = SimulatorConfig(
             model=options["model"],
             tokens_per_second=options["tokens_per_second"],
