@@ -180,6 +180,19 @@ else:
     CELERY_TASK_ALWAYS_EAGER = True
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TIMEZONE = "Asia/Seoul"
+# Beat: SGLang telemetry every TELEMETRY_SCRAPE_SECONDS, usage roll-ups every minute, pruning
+# of raw data past its retention hourly.
+TELEMETRY_SCRAPE_SECONDS = env_float("TELEMETRY_SCRAPE_SECONDS", 5.0, minimum=0.5)
+TELEMETRY_RETENTION_DAYS = env_int("TELEMETRY_RETENTION_DAYS", 14, minimum=1)
+LEDGER_RETENTION_DAYS = env_int("LEDGER_RETENTION_DAYS", 90, minimum=1)
+CELERY_BEAT_SCHEDULE = {
+    "scrape-sglang": {
+        "task": "telemetry.tasks.scrape_sglang",
+        "schedule": TELEMETRY_SCRAPE_SECONDS,
+    },
+    "roll-up-usage": {"task": "telemetry.tasks.roll_up_usage", "schedule": 60.0},
+    "prune": {"task": "telemetry.tasks.prune", "schedule": 3600.0},
+}
 
 LANGUAGE_CODE = "ko"
 LANGUAGES = [("ko", _("Korean")), ("en", _("English"))]
