@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from django.conf import settings
 
-from gateway import health
+from gateway import health, metrics
 from gateway.asgi_io import (
     ClientDisconnected,
     Receive,
@@ -71,6 +71,7 @@ class Gateway:
             "/v1/models": ("GET", self.list_models),
             "/v1/tokenize": ("POST", self.tokenize),
             "/health": ("GET", self.health),
+            "/metrics": ("GET", self.metrics),
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -164,12 +165,15 @@ class Gateway:
             # Refused after authentication: still one ledger row (429s by kind, 4xx by type).
             exc.headers.append((b"x-request-id", request_id.encode()))
             self.ledger.record(refused_event(request_id, grant, endpoint, started, exc))
+            metrics.observe_refused(grant.username, exc.status, exc.type)
             raise
         self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
         try:
             await self.proxy.run(call, receive, out)
         finally:
             self.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
 
     async def _admit(
         self, scope: Scope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str
@@ -232,6 +236,12 @@ class Gateway:
         model = await self._resolve(require_model(data), grant)
         check_tokenize_body(data)
         await out.json(200, await tokenize(self.counters, model, data, len(body)))
+
+    async def metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        metrics.LEDGER_BACKLOG.set(self.ledger.pending)
+        body, content_type = metrics.exposition()
+        await out.start(200, [(b"content-type", content_type.encode())])
+        await out.body(body)
 
     async def health(self, scope: Scope, receive: Receive, out: Responder) -> None:
         report = await health.report(self)

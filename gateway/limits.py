@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 
+from gateway import metrics
 from gateway.errors import GatewayError
 from quotas.limiter import (
     COOLDOWN,
@@ -76,9 +77,10 @@ class Limits:
         scopes = self.scopes(grant)
         now = self.clock()
         try:
-            decision = await self.backend.admit(
-                scopes, rid, tokens, now, self.lease, Day.at(now, self.zone)
-            )
+            with metrics.LIMITER_SECONDS.time():
+                decision = await self.backend.admit(
+                    scopes, rid, tokens, now, self.lease, Day.at(now, self.zone)
+                )
         except LimiterUnavailable as exc:
             if self.fail_open:
                 log.error("limiter unavailable, admitting (LIMITER_ON_REDIS_FAILURE=open): %s", exc)

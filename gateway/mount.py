@@ -11,7 +11,7 @@ from django.core.exceptions import ImproperlyConfigured
 from gateway.asgi_io import Receive, Scope, Send
 
 ASGIApp = Callable[..., Awaitable[Any]]
-GATEWAY_PREFIXES = ("/v1/", "/health")
+GATEWAY_PREFIXES = ("/v1/", "/health", "/metrics")
 
 
 def mount_gateway(gateway: ASGIApp, django_app: ASGIApp) -> ASGIApp:

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway import metrics
 from gateway.asgi_io import SSE_HEADERS, Headers, Receive, Responder
 from gateway.caches import ModelInfo
 from gateway.counting import Counters
@@ -219,6 +220,10 @@ class Proxy:
                 ttft_ms=call.ttft_ms,
             )
         )
+        metrics.observe_finished(
+            call.model.name, call.grant.username, call.status, usage.prompt_tokens,
+            usage.completion_tokens, call.upstream_latency_ms, call.ttft_ms,
+        )  # fmt: skip
         # Replace the reservation with what was used: a refund, an overrun, or (nothing was
         # produced) a full release. After the ledger append, so that no failure here loses the
         # row; an unsettled reservation is released when its lease runs out.

@@ -225,6 +225,9 @@ GATEWAY_UPSTREAM_POOL_SIZE = env_int("GATEWAY_UPSTREAM_POOL_SIZE", 1000, minimum
 GATEWAY_LEDGER_FLUSH_SECONDS = env_float("GATEWAY_LEDGER_FLUSH_SECONDS", 0.5, minimum=0.01)
 GATEWAY_LEDGER_MAX_PENDING = env_int("GATEWAY_LEDGER_MAX_PENDING", 100_000, minimum=100)
 
+# Per-user labels on the gateway's Prometheus series: off, as users are unbounded.
+GATEWAY_METRICS_PER_USER = env_bool("GATEWAY_METRICS_PER_USER", False)
+
 # --- Limits (quotas/limiter*.py) ---------------------------------------------------------------
 # Calendar days for tokens-per-day start at midnight here.
 LIMITER_TIME_ZONE = env_str("LIMITER_TIME_ZONE", "Asia/Seoul")

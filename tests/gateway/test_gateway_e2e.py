@@ -436,3 +436,69 @@ def test_the_same_application_serves_under_uvicorn(world: World) -> None:
         assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 4
     # uvicorn re-raises the SIGTERM it handled, after the lifespan shutdown closed the pool.
     assert proc.returncode in (0, -15)
+
+
+def gateway_metrics(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{base_url}/metrics", timeout=5).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_gateway_metrics_count_requests_tokens_and_refusals(world: World) -> None:
+    before = gateway_metrics(world.url)
+    reply = sdk(world).chat.completions.create(
+        model="korean-qwen", messages=KOREAN_CHAT, max_tokens=5
+    )
+    post(world, "/chat/completions", {"model": "gpt-17", "messages": KOREAN_CHAT})
+    after = gateway_metrics(world.url)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("gateway_requests_total", model=FAST_MODEL, status="200") == 1
+    assert delta("gateway_requests_total", model="", status="404") == 1
+    assert reply.usage is not None
+    assert (
+        delta("gateway_tokens_total", model=FAST_MODEL, direction="prompt")
+        == reply.usage.prompt_tokens
+    )
+    assert delta("gateway_tokens_total", model=FAST_MODEL, direction="completion") == 5
+    assert delta("gateway_limiter_decision_seconds_count") == 1
+    assert ("gateway_requests_in_flight", ()) in after
+    assert not any("user" in dict(labels) for _, labels in after)  # no per-user series by default
+
+
+def test_metrics_of_several_processes_are_summed(world: World, tmp_path) -> None:
+    from contextlib import ExitStack
+
+    from tests.gateway.conftest import database_url_for_subprocess
+    from tests.procs import free_port, running
+
+    with world.db():
+        env = {
+            "DATABASE_URL": database_url_for_subprocess(),
+            "SGLANG_URL": world.fast_upstream,
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        }
+    urls = []
+    with ExitStack() as stack:
+        for _ in range(2):
+            port = free_port()
+            args = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+            stack.enter_context(
+                running(
+                    [*args, "limiter_site.asgi:application"], f"http://127.0.0.1:{port}/health", env
+                )
+            )
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            openai.OpenAI(
+                base_url=f"{url}/v1", api_key=world.keys["dev"], max_retries=0
+            ).chat.completions.create(model="korean-qwen", messages=KOREAN_CHAT, max_tokens=2)
+        merged = gateway_metrics(urls[0])
+    key = ("gateway_requests_total", (("model", FAST_MODEL), ("status", "200")))
+    assert merged[key] == 2

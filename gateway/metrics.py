@@ -1,0 +1,105 @@
+"""The gateway's own Prometheus metrics, served at `GET /metrics`.
+
+Several gateway processes on one host (uvicorn/daphne workers) are summed when
+PROMETHEUS_MULTIPROC_DIR is set (prometheus_client's multiprocess mode: each process writes
+its values to files there; the directory must exist and be emptied at deploy). No per-user
+label unless GATEWAY_METRICS_PER_USER is on: users are unbounded, series must not be.
+"""
+
+from __future__ import annotations
+
+import os
+
+from django.conf import settings
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+USER = ("user",) if settings.GATEWAY_METRICS_PER_USER else ()
+
+REQUESTS = Counter(
+    "gateway_requests_total", "Requests by model and HTTP status.", ["model", "status", *USER]
+)
+TOKENS = Counter(
+    "gateway_tokens_total", "Tokens billed, by model and direction (prompt|completion).",
+    ["model", "direction", *USER],
+)  # fmt: skip
+RATE_LIMITED = Counter("gateway_rate_limited_total", "429 answers by limit kind.", ["kind", *USER])
+LIMITER_SECONDS = Histogram(
+    "gateway_limiter_decision_seconds", "Time to admit a request (one limiter round trip).",
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+UPSTREAM_SECONDS = Histogram(
+    "gateway_upstream_latency_seconds", "Time until the upstream's response headers.",
+    ["model"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+TTFT_SECONDS = Histogram(
+    "gateway_time_to_first_token_seconds", "Time until the first streamed event.",
+    ["model"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+IN_FLIGHT = Gauge(
+    "gateway_requests_in_flight", "Requests being proxied now.", multiprocess_mode="livesum"
+)
+LEDGER_BACKLOG = Gauge(
+    "gateway_ledger_backlog", "Usage events not yet written to the ledger.",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+
+
+def exposition() -> tuple[bytes, str]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def user_labels(username: str) -> dict[str, str]:
+    return {"user": username} if USER else {}
+
+
+def observe_finished(
+    model: str, username: str, status: int, prompt: int, completion: int,
+    upstream_ms: float | None, ttft_ms: float | None,
+) -> None:  # fmt: skip
+    user = user_labels(username)
+    REQUESTS.labels(model=model, status=str(status), **user).inc()
+    if prompt:
+        TOKENS.labels(model=model, direction="prompt", **user).inc(prompt)
+    if completion:
+        TOKENS.labels(model=model, direction="completion", **user).inc(completion)
+    if upstream_ms is not None:
+        UPSTREAM_SECONDS.labels(model=model).observe(upstream_ms / 1000)
+    if ttft_ms is not None:
+        TTFT_SECONDS.labels(model=model).observe(ttft_ms / 1000)
+
+
+def observe_refused(username: str, status: int, kind: str) -> None:
+    user = user_labels(username)
+    REQUESTS.labels(model="", status=str(status), **user).inc()
+    if status == 429:
+        RATE_LIMITED.labels(kind=kind, **user).inc()
