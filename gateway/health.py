@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 CHECK_TIMEOUT = 2.0
+LEDGER_BACKLOG_WARNING = 10_000
 
 
 async def report(gateway: Gateway) -> dict[str, Any]:
@@ -27,6 +28,13 @@ async def report(gateway: Gateway) -> dict[str, Any]:
     upstreams = sorted({m.upstream_url for m in models} or {settings.SGLANG_URL})
     upstream_states = await asyncio.gather(*(_upstream(gateway, url) for url in upstreams))
     warnings = []
+    if redis_state.get("ledger_stream_backlog", 0) > LEDGER_BACKLOG_WARNING:
+        warnings.append(
+            f"{redis_state['ledger_stream_backlog']} usage events wait in the ledger stream: "
+            "are Celery workers (`celery -A limiter_site worker`) and the database up?"
+        )
+    if gateway.ledger.pending > LEDGER_BACKLOG_WARNING:
+        warnings.append(f"{gateway.ledger.pending} usage events wait in this gateway's queue")
     if not models:
         warnings.append("no served models configured: run `manage.py import_config config/*.yaml`")
     # One model's GPU being down must not pull the whole gateway out of a load balancer: it
@@ -88,10 +96,12 @@ async def _redis() -> dict[str, Any]:
         return {"ok": None, "mode": "embedded (REDIS_URL not set)"}
     import redis.asyncio as aioredis
 
-    async def ping() -> None:
+    async def ping() -> dict[str, Any]:
         client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=CHECK_TIMEOUT)
         try:
             await client.ping()
+            # Usage events appended by gateways and not yet written by a Celery worker.
+            return {"ledger_stream_backlog": int(await client.xlen(settings.LEDGER_STREAM))}
         finally:
             await client.aclose()
 

@@ -1,9 +1,11 @@
-"""Usage events leave the request path as a list append; a thread writes them in batches.
+"""Usage events leave the request path as a list append; a thread ships them in batches.
 
-The request path pays for one `deque.append`; the writer thread turns pending events into
-ledger rows every GATEWAY_LEDGER_FLUSH_SECONDS with one INSERT per batch (replay-safe by request
-id) and one UPDATE per key for `last_used_at`. If the database is down the events stay queued
-and are retried; at process exit whatever is pending is written once more.
+The request path pays for one `deque.append`. Every GATEWAY_LEDGER_FLUSH_SECONDS the writer
+thread ships what is pending: with REDIS_URL to the ledger stream (one pipelined XADD per
+batch; Celery's `drain_ledger` writes the database, see quotas/ledger_stream.py), without it
+(the single-process quick start) straight into the database, one INSERT per batch, replay-safe
+by request id. If the destination is down the events stay queued and are retried; at process
+exit whatever is pending is shipped once more.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from typing import Any
 
+from django.conf import settings
 from django.db import close_old_connections
 
 log = logging.getLogger(__name__)
@@ -112,39 +115,40 @@ class LedgerWriter:
 
 
 def _write_batch(batch: list[UsageEvent]) -> None:
-    from accounts.services import touch_last_used
-    from quotas.services import write_usage_rows
+    rows = [
+        (
+            e.request_id,
+            e.user_id,
+            e.key_id,
+            e.model,
+            e.endpoint,
+            e.prompt_tokens,
+            e.completion_tokens,
+            e.cached_tokens,
+            e.estimated_prompt_tokens,
+            e.usage_source,
+            e.status_code,
+            e.error_type,
+            e.streamed,
+            e.client_disconnected,
+            e.started_at,
+            e.finished_at,
+            e.upstream_latency_ms,
+            e.ttft_ms,
+        )
+        for e in batch
+    ]
+    if settings.REDIS_URL:
+        from quotas import ledger_stream
 
-    write_usage_rows(
-        [
-            (
-                e.request_id,
-                e.user_id,
-                e.key_id,
-                e.model,
-                e.endpoint,
-                e.prompt_tokens,
-                e.completion_tokens,
-                e.cached_tokens,
-                e.estimated_prompt_tokens,
-                e.usage_source,
-                e.status_code,
-                e.error_type,
-                e.streamed,
-                e.client_disconnected,
-                _aware(e.started_at),
-                _aware(e.finished_at),
-                e.upstream_latency_ms,
-                e.ttft_ms,
-            )
-            for e in batch
-        ]
-    )
-    last_used: dict[int, float] = {}
-    for e in batch:
-        last_used[e.key_id] = max(e.started_at, last_used.get(e.key_id, 0.0))
-    touch_last_used({key_id: _aware(when) for key_id, when in last_used.items()})
+        global _stream_client
+        if _stream_client is None:
+            _stream_client = ledger_stream.client()
+        ledger_stream.append_rows(_stream_client, rows)
+    else:
+        from quotas.services import record_usage_rows
+
+        record_usage_rows(rows)
 
 
-def _aware(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, tz=UTC)
+_stream_client: Any = None

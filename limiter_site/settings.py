@@ -185,7 +185,13 @@ CELERY_TIMEZONE = "Asia/Seoul"
 TELEMETRY_SCRAPE_SECONDS = env_float("TELEMETRY_SCRAPE_SECONDS", 5.0, minimum=0.5)
 TELEMETRY_RETENTION_DAYS = env_int("TELEMETRY_RETENTION_DAYS", 14, minimum=1)
 LEDGER_RETENTION_DAYS = env_int("LEDGER_RETENTION_DAYS", 90, minimum=1)
+# The ledger's Redis stream (REDIS_URL set): gateways append, `drain_ledger` writes the database.
+LEDGER_STREAM = env_str("LEDGER_STREAM", "ledger:events")
+# A worker that took entries and died: after this long another worker writes them.
+LEDGER_CLAIM_IDLE_SECONDS = env_float("LEDGER_CLAIM_IDLE_SECONDS", 30.0, minimum=0.1)
+LEDGER_DRAIN_SECONDS = env_float("LEDGER_DRAIN_SECONDS", 1.0, minimum=0.1)
 CELERY_BEAT_SCHEDULE = {
+    "drain-ledger": {"task": "quotas.tasks.drain_ledger", "schedule": LEDGER_DRAIN_SECONDS},
     "scrape-sglang": {
         "task": "telemetry.tasks.scrape_sglang",
         "schedule": TELEMETRY_SCRAPE_SECONDS,

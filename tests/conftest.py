@@ -88,10 +88,18 @@ def _disconnect_other_sessions() -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def private_redis_prefix() -> Iterator[None]:
-    """Limiter counters of this run only: user ids restart with each test database."""
+    """Limiter counters and ledger stream of this run only: user ids restart with each test
+    database."""
     import uuid
 
     prefix = f"test-{uuid.uuid4().hex[:10]}"
-    os.environ["LIMITER_REDIS_PREFIX"] = prefix  # inherited by server processes
-    settings.LIMITER_REDIS_PREFIX = prefix
+    # Inherited by server and worker processes started by the tests.
+    os.environ["LIMITER_REDIS_PREFIX"] = settings.LIMITER_REDIS_PREFIX = prefix
+    os.environ["LEDGER_STREAM"] = settings.LEDGER_STREAM = f"{prefix}:ledger"
     yield
+    if settings.REDIS_URL:
+        import redis
+
+        connection = redis.Redis.from_url(settings.REDIS_URL)
+        connection.delete(f"{prefix}:ledger")
+        connection.close()

@@ -77,3 +77,31 @@ def simulator(
     ]  # fmt: skip
     with running(args, f"http://127.0.0.1:{port}/health"):
         yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def ledger_worker(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes] | None]:
+    """With REDIS_URL, gateways ship usage events to a Redis stream: run a real Celery worker
+    (beat inside) that drains it into the database. Without Redis there is nothing to run."""
+    if not os.environ.get("REDIS_URL") and not env.get("REDIS_URL"):
+        yield None
+        return
+    log_dir = ROOT / "var" / "test-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stem = log_dir / f"celery-{os.getpid()}-{time.monotonic_ns()}"
+    with stem.with_suffix(".log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "limiter_site", "worker", "-B", "--pool", "solo",
+             "--loglevel", "INFO", "-s", str(stem.with_suffix(".beat"))],
+            cwd=ROOT, env={**os.environ, "DEBUG": "1", "LEDGER_DRAIN_SECONDS": "0.2", **env},
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

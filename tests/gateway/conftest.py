@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from tests.procs import free_port, running, simulator
+from tests.procs import free_port, ledger_worker, running, simulator
 
 FAST_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 SLOW_MODEL = "Qwen/Qwen2.5-7B-Instruct-slow"
@@ -119,6 +119,7 @@ def world(django_db_setup: None, django_db_blocker: Any) -> Iterator[World]:
                 "restricted": make_user("restricted", allowed_models=["korean-qwen"])[1],
             }
             database_url = database_url_for_subprocess()
+        stack.enter_context(ledger_worker({"DATABASE_URL": database_url}))
         port = free_port()
         stack.enter_context(
             running(

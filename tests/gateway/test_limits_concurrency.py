@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from tests.gateway.conftest import FAST_MODEL, database_url_for_subprocess, make_user
-from tests.procs import free_port, running, simulator
+from tests.procs import free_port, ledger_worker, running, simulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
@@ -66,6 +66,7 @@ def test_two_gateways_never_overshoot_and_counters_match_the_ledger(redis_url: s
             "LIMITER_REDIS_PREFIX": prefix,
             "GATEWAY_LEDGER_FLUSH_SECONDS": "0.1",
         }
+        stack.enter_context(ledger_worker(env))
         urls = []
         for _ in range(2):
             port = free_port()

@@ -1,4 +1,5 @@
-"""The ledger's batch write: replay-safe, constant queries per batch, last-used kept."""
+"""The ledger's batch write in the embedded mode (no Redis): replay-safe, constant queries per
+batch, last-used kept. The Redis-stream path is in test_ledger_stream.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from gateway.ledger import LedgerWriter, UsageEvent
 from quotas.models import UsageRecord
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def embedded(settings) -> None:
+    settings.REDIS_URL = ""
 
 
 def events(user_id: int, key_id: int, count: int) -> list[UsageEvent]:
@@ -71,7 +77,7 @@ def test_events_wait_while_the_database_fails(monkeypatch) -> None:
     def broken(rows: object) -> None:
         raise RuntimeError("database down")
 
-    monkeypatch.setattr("quotas.services.write_usage_rows", broken)
+    monkeypatch.setattr("quotas.services.record_usage_rows", broken)
     with pytest.raises(RuntimeError):
         writer.flush()
     assert writer.pending == 5
