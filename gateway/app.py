@@ -32,6 +32,7 @@ from gateway.errors import GatewayError
 from gateway.ledger import LedgerWriter, UsageEvent
 from gateway.limits import Limits, make_backend
 from gateway.proxy import CHAT, COMPLETIONS, Call, Proxy
+from gateway.stats import StatsPublisher
 from gateway.tokenize import check_tokenize_body, tokenize
 from gateway.upstream import Upstream
 from gateway.validation import parse_json_object, require_model, validate_chat, validate_completion
@@ -65,6 +66,7 @@ class Gateway:
         self.limits = Limits(make_backend(), clock)
         self.proxy = Proxy(self.upstream, self.counters, self.ledger, self.limits)
         self.in_flight = 0
+        self.stats = StatsPublisher()
         self.routes: dict[str, tuple[str, Handler]] = {
             "/v1/chat/completions": ("POST", self.chat_completions),
             "/v1/completions": ("POST", self.completions),
@@ -166,14 +168,19 @@ class Gateway:
             exc.headers.append((b"x-request-id", request_id.encode()))
             self.ledger.record(refused_event(request_id, grant, endpoint, started, exc))
             metrics.observe_refused(grant.username, exc.status, exc.type)
+            self.stats.requests += 1
+            self.stats.rate_limited += exc.status == 429
             raise
-        self.in_flight += 1
+        self.stats.ensure_running()
+        self.in_flight = self.stats.in_flight = self.in_flight + 1
         metrics.IN_FLIGHT.inc()
         try:
             await self.proxy.run(call, receive, out)
         finally:
-            self.in_flight -= 1
+            self.in_flight = self.stats.in_flight = self.in_flight - 1
             metrics.IN_FLIGHT.dec()
+            self.stats.requests += 1
+            self.stats.tokens += call.billed
 
     async def _admit(
         self, scope: Scope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str

@@ -48,6 +48,7 @@ class Call:
     started_perf: float = field(default_factory=time.perf_counter)
     prompt_count: int = 0
     reserved: int = 0
+    billed: int = 0  # prompt + completion, as settled
     headers: Headers = field(default_factory=list)
     status: int = 0
     error_type: str = ""
@@ -220,6 +221,7 @@ class Proxy:
                 ttft_ms=call.ttft_ms,
             )
         )
+        call.billed = usage.prompt_tokens + usage.completion_tokens
         metrics.observe_finished(
             call.model.name, call.grant.username, call.status, usage.prompt_tokens,
             usage.completion_tokens, call.upstream_latency_ms, call.ttft_ms,
@@ -228,9 +230,7 @@ class Proxy:
         # produced) a full release. After the ledger append, so that no failure here loses the
         # row; an unsettled reservation is released when its lease runs out.
         try:
-            await self.limits.settle(
-                call.grant, call.request_id, usage.prompt_tokens + usage.completion_tokens
-            )
+            await self.limits.settle(call.grant, call.request_id, call.billed)
         except Exception:
             log.exception("settling %s failed", call.request_id)
 

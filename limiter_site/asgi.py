@@ -6,7 +6,9 @@
 import gc
 import os
 
-from channels.routing import ProtocolTypeRouter
+from channels.auth import AuthMiddlewareStack
+from channels.routing import ProtocolTypeRouter, URLRouter
+from channels.security.websocket import AllowedHostsOriginValidator
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "limiter_site.settings")
@@ -14,10 +16,19 @@ django_app = get_asgi_application()
 
 from gateway.app import Gateway  # noqa: E402  (needs Django set up first)
 from gateway.mount import mount_gateway, refuse_insecure_settings  # noqa: E402
+from telemetry.routing import websocket_urlpatterns  # noqa: E402
 
 refuse_insecure_settings()
 gateway = Gateway()
-application = ProtocolTypeRouter({"http": mount_gateway(gateway, django_app), "lifespan": gateway})
+application = ProtocolTypeRouter(
+    {
+        "http": mount_gateway(gateway, django_app),
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+        ),
+        "lifespan": gateway,
+    }
+)
 
 # Everything imported so far (Django, transformers, the tokenizer) lives as long as the
 # process: keep it out of the garbage collector's full passes, whose stalls set the p99 tail

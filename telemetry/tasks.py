@@ -1,0 +1,61 @@
+"""Celery tasks of the telemetry app (schedule: CELERY_BEAT_SCHEDULE in the settings)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from celery import shared_task
+
+# --- SGLang samples -----------------------------------------------------------------------------
+
+
+@shared_task(name="telemetry.tasks.scrape_sglang", ignore_result=True)
+def scrape_sglang() -> int:
+    """Scrape every distinct upstream of the active served models once; returns how many."""
+    from telemetry import services, sglang
+
+    samples = asyncio.run(sglang.scrape_all(sglang.upstream_urls()))
+    recorded = services.record_samples(samples)
+    publish_sglang(samples)
+    return len(recorded)
+
+
+def publish_sglang(samples: list[Any]) -> None:
+    """Push the GPU side to the staff dashboards (`/ws/stats/`)."""
+    from asgiref.sync import async_to_sync
+    from channels.layers import get_channel_layer
+
+    from telemetry.consumers import STATS_GROUP
+
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    summary = {
+        "upstreams": [
+            {
+                "url": s.upstream_url,
+                "ok": s.ok,
+                "running_requests": s.running_requests,
+                "queued_requests": s.queued_requests,
+                "kv_cache_usage": s.kv_cache_usage,
+                "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
+                "generation_throughput": s.generation_throughput,
+            }
+            for s in samples
+        ]
+    }
+    async_to_sync(layer.group_send)(STATS_GROUP, {"type": "stats.sglang", "summary": summary})
+
+
+# --- Retention ----------------------------------------------------------------------------------
+
+
+@shared_task(name="telemetry.tasks.prune", ignore_result=True)
+def prune() -> dict[str, int]:
+    """Delete raw data past its retention; returns rows deleted per kind."""
+    from telemetry import sglang
+
+    deleted = {"sglang_samples": sglang.prune_samples()}  # TELEMETRY_RETENTION_DAYS
+    # --- Ledger rows past LEDGER_RETENTION_DAYS: added here with roll_up_usage. ---
+    return deleted
