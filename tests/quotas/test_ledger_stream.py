@@ -132,8 +132,8 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(
     stream: redis_lib.Redis, settings: Any, redis_url: str, tmp_path: Path
 ) -> None:
     user, rows = rows_for(6000)
-    for first in range(0, len(rows), 1000):
-        ledger_stream.append_rows(stream, rows[first : first + 1000])
+    for start in range(0, len(rows), 1000):
+        ledger_stream.append_rows(stream, rows[start : start + 1000])
     env = {
         "DATABASE_URL": database_url_for_subprocess(),
         "REDIS_URL": redis_url,
