@@ -246,6 +246,10 @@ class Gateway:
 
     async def metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
         metrics.LEDGER_BACKLOG.set(self.ledger.pending)
+        if settings.REDIS_URL:
+            backlog = (await health.report_redis()).get("ledger_stream_backlog")
+            if backlog is not None:
+                metrics.LEDGER_STREAM_BACKLOG.set(backlog)
         body, content_type = metrics.exposition()
         await out.start(200, [(b"content-type", content_type.encode())])
         await out.body(body)

@@ -20,7 +20,7 @@ LEDGER_BACKLOG_WARNING = 10_000
 
 
 async def report(gateway: Gateway) -> dict[str, Any]:
-    database, redis_state = await asyncio.gather(_database(), _redis())
+    database, redis_state = await asyncio.gather(_database(), report_redis())
     try:
         models = await asyncio.wait_for(gateway.catalog.models(), CHECK_TIMEOUT)
     except Exception:
@@ -91,7 +91,7 @@ async def _database() -> dict[str, Any]:
     return {"vendor": connection.vendor, **state}
 
 
-async def _redis() -> dict[str, Any]:
+async def report_redis() -> dict[str, Any]:
     if not settings.REDIS_URL:
         return {"ok": None, "mode": "embedded (REDIS_URL not set)"}
     import redis.asyncio as aioredis

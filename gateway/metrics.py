@@ -65,9 +65,14 @@ IN_FLIGHT = Gauge(
     "gateway_requests_in_flight", "Requests being proxied now.", multiprocess_mode="livesum"
 )
 LEDGER_BACKLOG = Gauge(
-    "gateway_ledger_backlog", "Usage events not yet written to the ledger.",
+    "gateway_ledger_backlog", "Usage events queued in gateway processes, not yet shipped.",
     multiprocess_mode="livesum",
 )  # fmt: skip
+LEDGER_STREAM_BACKLOG = Gauge(
+    "gateway_ledger_stream_backlog",
+    "Usage events in the Redis ledger stream, not yet written to the database by Celery.",
+    multiprocess_mode="mostrecent",
+)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -202,3 +202,27 @@ def test_health_warns_about_a_ledger_backlog(stream: redis_lib.Redis, monkeypatc
     report = asyncio.run(health.report(Gateway()))
     assert report["redis"]["ledger_stream_backlog"] == 20
     assert any("ledger stream" in warning for warning in report["warnings"])
+
+
+def test_metrics_report_the_stream_backlog(stream: redis_lib.Redis) -> None:
+    import asyncio
+
+    import httpx2
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.app import Gateway
+
+    _, rows = rows_for(7)
+    ledger_stream.append_rows(stream, rows)
+
+    async def scrape() -> str:
+        transport = httpx2.ASGITransport(app=Gateway())
+        async with httpx2.AsyncClient(transport=transport, base_url="http://gw") as http:
+            return (await http.get("/metrics")).text
+
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(asyncio.run(scrape()))
+        for sample in family.samples
+    }
+    assert values["gateway_ledger_stream_backlog"] == 7
