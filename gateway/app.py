@@ -60,7 +60,9 @@ class Gateway:
         self.counters = Counters()
         self.catalog.on_load = self.counters.preload
         self.ledger = LedgerWriter(
-            settings.GATEWAY_LEDGER_FLUSH_SECONDS, settings.GATEWAY_LEDGER_MAX_PENDING
+            settings.GATEWAY_LEDGER_FLUSH_SECONDS,
+            settings.GATEWAY_LEDGER_MAX_PENDING,
+            settings.LEDGER_SPOOL_DIR,
         )
         self.upstream = Upstream()
         self.limits = Limits(make_backend(), clock)

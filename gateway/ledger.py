@@ -1,20 +1,25 @@
-"""Usage events leave the request path as a list append; a thread ships them in batches.
+"""Usage events leave the request path as one line appended to a local spool file.
 
-The request path pays for one `deque.append`. Every GATEWAY_LEDGER_FLUSH_SECONDS the writer
-thread ships what is pending: with REDIS_URL to the ledger stream (one pipelined XADD per
-batch; Celery's `drain_ledger` writes the database, see quotas/ledger_stream.py), without it
-(the single-process quick start) straight into the database, one INSERT per batch, replay-safe
-by request id. If the destination is down the events stay queued and are retried; at process
-exit whatever is pending is shipped once more.
+The request path pays for serialising the event and one buffered `write` (microseconds, see
+docs/benchmarks.md); the line is then in the OS's hands, so a crash of this process loses
+nothing. Every GATEWAY_LEDGER_FLUSH_SECONDS the writer thread seals the current spool segment
+and ships it: with REDIS_URL to the ledger stream (one pipelined XADD per batch; Celery's
+`drain_ledger` writes the database, see quotas/ledger_stream.py), without it (the
+single-process quick start) straight into the database, replay-safe by request id. A segment is
+deleted only after it was shipped; segments left by a process that died are shipped by the next
+writer on this host. If the destination is down, segments wait on disk and are retried.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
+import os
+import socket
 import threading
-from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -46,47 +51,105 @@ class UsageEvent:
     ttft_ms: float | None = None
 
 
+class Spool:
+    """Append-only segments `<host>-<pid>.<n>.open` → `.ready` once sealed, in one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self._lock = threading.Lock()
+        self._sequence = 0
+        self.lines = 0  # in the open segment
+        self._file = self._open()
+
+    def _open(self) -> Any:
+        path = self.directory / f"{self.name}.{self._sequence}.open"
+        return path.open("a", encoding="utf-8", buffering=1)  # line-buffered: one write a line
+
+    def append(self, line: str) -> None:
+        with self._lock:
+            self._file.write(line + "\n")
+            self.lines += 1
+
+    def seal(self) -> None:
+        with self._lock:
+            if not self.lines:
+                return
+            self._file.close()
+            path = Path(self._file.name)
+            path.rename(path.with_suffix(".ready"))
+            self._sequence += 1
+            self.lines = 0
+            self._file = self._open()
+
+    def ready(self) -> list[Path]:
+        """Sealed segments of this process and every segment of processes that died."""
+        for path in self.directory.glob("*.open"):
+            if not _alive(path.name.split(".")[0]):
+                path.rename(path.with_suffix(".ready"))
+        return sorted(self.directory.glob("*.ready"), key=lambda p: p.stat().st_mtime)
+
+
+def _alive(name: str) -> bool:
+    host, _, pid = name.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class LedgerWriter:
-    def __init__(self, flush_seconds: float, max_pending: int) -> None:
+    def __init__(self, flush_seconds: float, max_pending: int, spool_dir: Path) -> None:
         self._flush_seconds = flush_seconds
         self._max_pending = max_pending
-        self._pending: deque[UsageEvent] = deque()
-        self._lock = threading.Lock()  # one writer at a time (thread and explicit flushes)
+        self._spool_dir = spool_dir
+        self._spool: Spool | None = None
+        self._shipping = threading.Lock()  # one shipper at a time (thread and explicit flushes)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self.unshipped = 0  # events of this process not yet shipped
         self.dropped = 0
         self.written = 0
 
     def record(self, event: UsageEvent) -> None:
-        if len(self._pending) >= self._max_pending:
-            # Bounded memory beats an out-of-memory crash that would lose everything pending.
+        if self.unshipped >= self._max_pending:
+            # A destination down for long must not fill the disk; say so loudly.
             self.dropped += 1
-            log.error("ledger backlog full (%d); dropping %s", self._max_pending, event.request_id)
+            log.error("ledger spool full (%d); dropping %s", self._max_pending, event.request_id)
             return
-        self._pending.append(event)
-        if self._thread is None:
+        if self._spool is None:
+            self._spool = Spool(self._spool_dir)
             self._start()
+        self._spool.append(json.dumps(event_row(event), ensure_ascii=False))
+        self.unshipped += 1
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return self.unshipped
 
     def flush(self) -> int:
-        """Write everything pending now; returns the number of events written."""
-        written = 0
-        with self._lock:
-            while self._pending:
-                batch = [
-                    self._pending.popleft() for _ in range(min(BATCH_SIZE, len(self._pending)))
-                ]
-                try:
-                    _write_batch(batch)
-                except Exception:
-                    self._pending.extendleft(reversed(batch))
-                    raise
-                written += len(batch)
-        self.written += written
-        return written
+        """Ship everything spooled so far (and what dead processes left); returns events shipped."""
+        if self._spool is None:
+            self._spool = Spool(self._spool_dir)
+        shipped = 0
+        with self._shipping:
+            self._spool.seal()
+            for segment in self._spool.ready():
+                rows = [tuple(json.loads(line)) for line in _lines(segment)]
+                for first in range(0, len(rows), BATCH_SIZE):
+                    _ship(rows[first : first + BATCH_SIZE])
+                segment.unlink()
+                shipped += len(rows)
+                if segment.name.startswith(self._spool.name + "."):
+                    self.unshipped = max(self.unshipped - len(rows), 0)
+        self.written += shipped
+        return shipped
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
@@ -103,7 +166,7 @@ class LedgerWriter:
                 backoff = self._flush_seconds
             except Exception:
                 backoff = min(backoff * 2, 30.0)
-                log.exception("ledger write failed; %d events kept, retrying", self.pending)
+                log.exception("ledger shipping failed; %d events wait on disk", self.pending)
             finally:
                 close_old_connections()
 
@@ -111,33 +174,43 @@ class LedgerWriter:
         try:
             self.flush()
         except Exception:
-            log.exception("ledger: %d events could not be written at exit", self.pending)
+            log.exception("ledger: %d events stay in the spool for the next start", self.pending)
 
 
-def _write_batch(batch: list[UsageEvent]) -> None:
-    rows = [
-        (
-            e.request_id,
-            e.user_id,
-            e.key_id,
-            e.model,
-            e.endpoint,
-            e.prompt_tokens,
-            e.completion_tokens,
-            e.cached_tokens,
-            e.estimated_prompt_tokens,
-            e.usage_source,
-            e.status_code,
-            e.error_type,
-            e.streamed,
-            e.client_disconnected,
-            e.started_at,
-            e.finished_at,
-            e.upstream_latency_ms,
-            e.ttft_ms,
-        )
-        for e in batch
-    ]
+def _lines(segment: Path) -> list[str]:
+    # A process killed mid-write can leave a torn last line: skip it rather than block the rest.
+    text = segment.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if lines and lines[-1]:
+        log.warning("%s: dropping a torn last line", segment)
+    return [line for line in lines[:-1] if line]
+
+
+def event_row(e: UsageEvent) -> tuple[Any, ...]:
+    """The event as a ledger row (quotas.services.LEDGER_COLUMNS order, times as epoch)."""
+    return (
+        e.request_id,
+        e.user_id,
+        e.key_id,
+        e.model,
+        e.endpoint,
+        e.prompt_tokens,
+        e.completion_tokens,
+        e.cached_tokens,
+        e.estimated_prompt_tokens,
+        e.usage_source,
+        e.status_code,
+        e.error_type,
+        e.streamed,
+        e.client_disconnected,
+        e.started_at,
+        e.finished_at,
+        e.upstream_latency_ms,
+        e.ttft_ms,
+    )
+
+
+def _ship(rows: list[tuple[Any, ...]]) -> None:
     if settings.REDIS_URL:
         from quotas import ledger_stream
 

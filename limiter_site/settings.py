@@ -229,7 +229,9 @@ GATEWAY_UPSTREAM_READ_TIMEOUT = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT", 300.0
 GATEWAY_UPSTREAM_POOL_SIZE = env_int("GATEWAY_UPSTREAM_POOL_SIZE", 1000, minimum=1)
 # Ledger rows are written in batches by a background thread, never on the request path.
 GATEWAY_LEDGER_FLUSH_SECONDS = env_float("GATEWAY_LEDGER_FLUSH_SECONDS", 0.5, minimum=0.01)
-GATEWAY_LEDGER_MAX_PENDING = env_int("GATEWAY_LEDGER_MAX_PENDING", 100_000, minimum=100)
+GATEWAY_LEDGER_MAX_PENDING = env_int("GATEWAY_LEDGER_MAX_PENDING", 1_000_000, minimum=100)
+# Usage events are spooled here (one file per process) until shipped: a crash loses none.
+LEDGER_SPOOL_DIR = Path(env_str("LEDGER_SPOOL_DIR", str(VAR_DIR / "ledger-spool")))
 
 # Per-user labels on the gateway's Prometheus series: off, as users are unbounded.
 GATEWAY_METRICS_PER_USER = env_bool("GATEWAY_METRICS_PER_USER", False)

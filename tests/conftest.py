@@ -87,7 +87,7 @@ def _disconnect_other_sessions() -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_redis_prefix() -> Iterator[None]:
+def private_redis_prefix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Limiter counters and ledger stream of this run only: user ids restart with each test
     database."""
     import uuid
@@ -96,6 +96,10 @@ def private_redis_prefix() -> Iterator[None]:
     # Inherited by server and worker processes started by the tests.
     os.environ["LIMITER_REDIS_PREFIX"] = settings.LIMITER_REDIS_PREFIX = prefix
     os.environ["LEDGER_STREAM"] = settings.LEDGER_STREAM = f"{prefix}:ledger"
+    # Spooled usage events of this run only (a spool outlives its processes by design).
+    spool = tmp_path_factory.mktemp("ledger-spool")
+    os.environ["LEDGER_SPOOL_DIR"] = str(spool)
+    settings.LEDGER_SPOOL_DIR = spool
     yield
     if settings.REDIS_URL:
         import redis

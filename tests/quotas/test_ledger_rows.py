@@ -1,10 +1,15 @@
-"""The ledger's batch write in the embedded mode (no Redis): replay-safe, constant queries per
-batch, last-used kept. The Redis-stream path is in test_ledger_stream.py."""
+"""The gateway's usage spool and its batch write in the embedded mode (no Redis): replay-safe,
+constant queries per batch, last-used kept, nothing lost when a process dies. The Redis-stream
+path is in test_ledger_stream.py."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +18,7 @@ from gateway.ledger import LedgerWriter, UsageEvent
 from quotas.models import UsageRecord
 
 pytestmark = pytest.mark.django_db
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -41,20 +47,28 @@ def events(user_id: int, key_id: int, count: int) -> list[UsageEvent]:
     ]
 
 
-def test_a_replayed_batch_inserts_nothing_twice(django_assert_max_num_queries) -> None:
+def writer(spool: Path, max_pending: int = 10_000) -> LedgerWriter:
+    return LedgerWriter(flush_seconds=3600, max_pending=max_pending, spool_dir=spool)
+
+
+def test_a_batch_is_written_once_with_constant_queries(
+    tmp_path: Path, django_assert_max_num_queries
+) -> None:
     user, _ = get_or_create_user("원장")
     key, _ = create_api_key(user)
     batch = events(user.pk, key.pk, 300)
-    writer = LedgerWriter(flush_seconds=60, max_pending=1000)
+    ledger = writer(tmp_path)
     for event in batch:
-        writer._pending.append(event)
+        ledger.record(event)
+    assert ledger.pending == 300
     with django_assert_max_num_queries(8):  # one batch insert, one last-used update: not per row
-        writer.flush()
-    for event in batch[:100]:
-        writer._pending.append(event)
-    writer.flush()
+        assert ledger.flush() == 300
+    for event in batch[:100]:  # the same events again (a replay)
+        ledger.record(event)
+    ledger.flush()
     rows = UsageRecord.objects.filter(user=user)
-    assert rows.count() == 300
+    assert rows.count() == 300 and ledger.pending == 0
+    assert not list(tmp_path.glob("*.ready"))
     first = rows.get(request_id=batch[0].request_id)
     assert (first.prompt_tokens, first.completion_tokens, first.time_to_first_token_ms) == (
         10,
@@ -67,28 +81,57 @@ def test_a_replayed_batch_inserts_nothing_twice(django_assert_max_num_queries) -
     assert abs(key.last_used_at.timestamp() - batch[-1].started_at) < 1e-3
 
 
-def test_events_wait_while_the_database_fails(monkeypatch) -> None:
+def test_events_wait_on_disk_while_the_database_fails(tmp_path: Path, monkeypatch) -> None:
     user, _ = get_or_create_user("대기")
     key, _ = create_api_key(user)
-    writer = LedgerWriter(flush_seconds=60, max_pending=1000)
+    ledger = writer(tmp_path)
     for event in events(user.pk, key.pk, 5):
-        writer._pending.append(event)
+        ledger.record(event)
 
     def broken(rows: object) -> None:
         raise RuntimeError("database down")
 
     monkeypatch.setattr("quotas.services.record_usage_rows", broken)
     with pytest.raises(RuntimeError):
-        writer.flush()
-    assert writer.pending == 5
+        ledger.flush()
+    assert ledger.pending == 5 and len(list(tmp_path.glob("*.ready"))) == 1
     monkeypatch.undo()
-    writer.flush()
-    assert writer.pending == 0 and UsageRecord.objects.filter(user=user).count() == 5
+    ledger.flush()
+    assert ledger.pending == 0 and UsageRecord.objects.filter(user=user).count() == 5
 
 
-def test_backlog_is_bounded() -> None:
-    writer = LedgerWriter(flush_seconds=60, max_pending=100)
-    writer._thread = object()  # type: ignore[assignment]  # no background writes in this test
+def test_the_spool_is_bounded(tmp_path: Path) -> None:
+    ledger = writer(tmp_path, max_pending=100)
     for event in events(1, 1, 150):
-        writer.record(event)
-    assert writer.pending == 100 and writer.dropped == 50
+        ledger.record(event)
+    assert ledger.pending == 100 and ledger.dropped == 50
+
+
+def test_events_of_a_killed_process_are_shipped_by_the_next_one(tmp_path: Path) -> None:
+    user, _ = get_or_create_user("부활")
+    key, _ = create_api_key(user)
+    script = textwrap.dedent(
+        f"""
+        import os, signal, time, django
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "limiter_site.settings")
+        django.setup()
+        from pathlib import Path
+        from gateway.ledger import LedgerWriter, UsageEvent
+        spool = Path({str(tmp_path)!r})
+        ledger = LedgerWriter(flush_seconds=3600, max_pending=10_000, spool_dir=spool)
+        for i in range(250):
+            now = time.time()
+            ledger.record(UsageEvent(f"killed-{{i}}", {user.pk}, {key.pk}, "m", "chat/completions",
+                                     200, False, now, now, 1, 2))
+        ledger._spool._file.write('["torn')  # killed in the middle of a line
+        ledger._spool._file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no flush
+        """
+    )
+    subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env={"DEBUG": "1", "PATH": ""}, check=False
+    )
+    assert list(tmp_path.glob("*.open"))
+    assert writer(tmp_path).flush() == 250
+    assert UsageRecord.objects.filter(user=user).count() == 250
+    assert all(path.stat().st_size == 0 for path in tmp_path.iterdir())  # only a fresh segment
