@@ -85,8 +85,9 @@ def database_from_url(url: str) -> dict[str, Any]:
             # SQLite serialises writers; a generous timeout lets the ledger flusher and the
             # admin share the file without "database is locked" errors.
             "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
-            # A file, not memory, so that server processes started by the tests see the data.
-            "TEST": {"NAME": str(VAR_DIR / "test.sqlite3")},
+            # A file, not memory, so that server processes started by the tests see the data;
+            # one per test run, so that two runs on one checkout do not share it.
+            "TEST": {"NAME": str(VAR_DIR / f"test-{os.getpid()}.sqlite3")},
         }
     if parts.scheme in ("postgres", "postgresql", "pgsql"):
         options: dict[str, Any] = dict(parse_qsl(parts.query))
