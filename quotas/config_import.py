@@ -25,6 +25,7 @@ from django.utils.translation import gettext_lazy as _
 
 from accounts import services as accounts
 from accounts.models import ApiKey
+from gateway import services as served_models
 from gateway.models import ServedModel
 from quotas import services as quotas
 from quotas.models import Plan
@@ -608,10 +609,12 @@ def _apply_server(config: ServerConfig, report: ImportReport) -> None:
     existed = Plan.objects.filter(name=quotas.DEFAULT_PLAN_NAME).exists()
     changed = quotas.set_plan_limits(quotas.default_plan(), **config.default_limits)
     report.count("plans", created=not existed, changed=changed)
-    model, created, changed = quotas.set_served_model(config.model_name, **config.model_fields)
+    model, created, changed = served_models.set_served_model(
+        config.model_name, **config.model_fields
+    )
     report.count("models", created=created, changed=changed)
     try:
-        losers = quotas.take_model_aliases(model)
+        losers = served_models.take_model_aliases(model)
     except ValueError as exc:
         raise ConfigError(config.file, "sglang_server.aliases", str(exc)) from None
     for _model in losers:
