@@ -502,3 +502,65 @@ def test_metrics_of_several_processes_are_summed(world: World, tmp_path) -> None
         merged = gateway_metrics(urls[0])
     key = ("gateway_requests_total", (("model", FAST_MODEL), ("status", "200")))
     assert merged[key] == 2
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "도시의 현재 날씨를 알려 준다",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"messages": [{"role": "user", "content": "안녕하세요. 오늘 서울 날씨가 어떤가요?"}]},
+        {"messages": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]},
+        {"messages": [{"role": "user", "content": "GPT-4o와 Qwen2.5-7B 모델 (2024년 기준)"}]},
+        {"messages": [{"role": "user", "content": "좋아요 👍😀 감사합니다 🙏"}]},
+        {"messages": [{"role": "user", "content": "def add(a, b):\n    return a + b  # 합\n"}]},
+        {"messages": KOREAN_CHAT},
+        {"messages": [{"role": "user", "content": "부산 날씨는?"}], "tools": [WEATHER_TOOL]},
+        {
+            "messages": [{"role": "user", "content": "부산 날씨는?"}],
+            "tools": [WEATHER_TOOL],
+            "tool_choice": "none",
+        },
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "첫째"}, {"type": "text", "text": "둘째"}],
+                }
+            ]
+        },
+        {
+            "messages": [{"role": "user", "content": "생각하지 말고 답해"}],
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
+    ],
+    ids=[
+        "korean",
+        "english",
+        "mixed",
+        "emoji",
+        "code",
+        "system",
+        "tools",
+        "tools-none",
+        "parts",
+        "kwargs",
+    ],
+)
+def test_the_gateways_count_equals_the_upstreams_prompt_tokens(world: World, extra: dict) -> None:
+    response = post(world, "/chat/completions", {"model": "korean-qwen", "max_tokens": 1, **extra})
+    assert response.status_code == 200, response.text
+    row = world.ledger_row(response.headers["x-request-id"])
+    assert (
+        row.estimated_prompt_tokens
+        == response.json()["usage"]["prompt_tokens"]
+        == row.prompt_tokens
+    )
