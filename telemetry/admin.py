@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin
-from django.http import HttpRequest
+from django.contrib.auth.models import User
+from django.db.models import QuerySet
+from django.http import HttpRequest, StreamingHttpResponse
 from django.utils.translation import gettext_lazy as _
 
-from telemetry.models import SGLangSample
+from quotas.admin import EstimatedCountPaginator, ServedModelFilter
+from telemetry.exports import csv_lines, rollup_export
+from telemetry.models import SGLangSample, UsageRollup
 
 
 def _percent(value: float | None) -> str | None:
@@ -53,4 +59,53 @@ class SGLangSampleAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: SGLangSample | None = None) -> bool:
+        return False
+
+
+@admin.register(UsageRollup)
+class UsageRollupAdmin(admin.ModelAdmin):
+    """Roll-ups are recomputed from the ledger by telemetry.rollups: viewable, never edited."""
+
+    list_display = (
+        "period_start", "period", "user", "model", "requests", "prompt_tokens",
+        "completion_tokens", "cached_tokens", "errors", "rate_limited", "latency_p50_ms",
+        "latency_p95_ms", "ttft_p50_ms", "ttft_p95_ms", "updated_at",
+    )  # fmt: skip
+    # The model list comes from ServedModel, not a DISTINCT over the roll-ups.
+    list_filter = ("period", ServedModelFilter, ("period_start", admin.DateFieldListFilter))
+    search_fields = ("user__username",)  # searched exactly by get_search_results below
+    search_help_text = _("An exact username.")
+    list_select_related = ("user",)
+    ordering = ("-period_start", "user", "model")
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+    actions = ["export_csv"]
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        user_ids = User.objects.filter(username=term).values_list("pk", flat=True)
+        return queryset.filter(user_id__in=list(user_ids)), False
+
+    @admin.action(description=_("Export selected roll-ups as CSV"))
+    def export_csv(
+        self, request: HttpRequest, queryset: QuerySet[UsageRollup]
+    ) -> StreamingHttpResponse:
+        response = StreamingHttpResponse(
+            csv_lines(rollup_export(queryset)), content_type="text/csv; charset=utf-8"
+        )
+        response["Content-Disposition"] = 'attachment; filename="usage-rollups.csv"'
+        return response
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

@@ -89,3 +89,18 @@ class SGLangSample(models.Model):
 
     def __str__(self) -> str:
         return f"{self.upstream_url} @ {self.scraped_at:%Y-%m-%d %H:%M:%S}"
+
+
+class RollupCursor(models.Model):
+    """Where a periodic job stopped reading an append-only table (one row per name)."""
+
+    name = models.CharField(_("name"), max_length=50, unique=True)
+    state = models.JSONField(_("state"), default=dict)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("roll-up cursor")
+        verbose_name_plural = _("roll-up cursors")
+
+    def __str__(self) -> str:
+        return self.name

@@ -48,14 +48,26 @@ def publish_sglang(samples: list[Any]) -> None:
     async_to_sync(layer.group_send)(STATS_GROUP, {"type": "stats.sglang", "summary": summary})
 
 
+# --- Usage roll-ups -----------------------------------------------------------------------------
+
+
+@shared_task(name="telemetry.tasks.roll_up_usage", ignore_result=True)
+def roll_up_usage() -> dict[str, Any]:
+    """Recompute the roll-up cells touched by ledger rows written since the last run."""
+    from telemetry import rollups
+
+    return rollups.roll_up_recent()
+
+
 # --- Retention ----------------------------------------------------------------------------------
 
 
 @shared_task(name="telemetry.tasks.prune", ignore_result=True)
 def prune() -> dict[str, int]:
     """Delete raw data past its retention; returns rows deleted per kind."""
-    from telemetry import sglang
+    from telemetry import rollups, sglang
 
     deleted = {"sglang_samples": sglang.prune_samples()}  # TELEMETRY_RETENTION_DAYS
-    # --- Ledger rows past LEDGER_RETENTION_DAYS: added here with roll_up_usage. ---
+    # LEDGER_RETENTION_DAYS, whole local days, only rows already rolled up; roll-ups are kept.
+    deleted["usage_records"] = rollups.prune_ledger()
     return deleted
