@@ -202,6 +202,7 @@ class Gateway:
             body=data,
             streamed=stream,
             client_wants_usage=bool(options.get("include_usage")) or not stream,
+            raw_body=body,
         )
         call.prompt_count = await self.counters.count_prompt(model, endpoint, data, len(body))
         call.reserved = reservation_for(

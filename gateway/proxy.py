@@ -44,6 +44,7 @@ class Call:
     body: dict[str, Any]
     streamed: bool
     client_wants_usage: bool
+    raw_body: bytes = b""
     started_at: float = field(default_factory=time.time)
     started_perf: float = field(default_factory=time.perf_counter)
     prompt_count: int = 0
@@ -63,11 +64,21 @@ class Call:
 
 
 def prepare_upstream_body(call: Call) -> bytes:
-    """The client's body with the served model name, and usage always requested in streams."""
+    """The client's body with the served model name, and usage always requested in streams.
+
+    When neither changes anything, the client's bytes go upstream as they came: no second
+    serialisation of a large prompt."""
     body = call.body
+    options = body.get("stream_options")
+    usage_requested = isinstance(options, dict) and options.get("include_usage") is True
+    if (
+        call.raw_body
+        and body.get("model") == call.model.name
+        and (not call.streamed or usage_requested)
+    ):
+        return call.raw_body
     body["model"] = call.model.name
     if call.streamed:
-        options = body.get("stream_options")
         body["stream_options"] = {**(options or {}), "include_usage": True}
     return json.dumps(body, ensure_ascii=False).encode()
 

@@ -197,7 +197,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "telemetry.tasks.scrape_sglang",
         "schedule": TELEMETRY_SCRAPE_SECONDS,
     },
-    "roll-up-usage": {"task": "telemetry.tasks.roll_up_usage", "schedule": 60.0},
+    # Queued runs older than the next one are dropped rather than piling up behind a slow one.
+    "roll-up-usage": {
+        "task": "telemetry.tasks.roll_up_usage",
+        "schedule": 60.0,
+        "options": {"expires": 55},
+    },
     "prune": {"task": "telemetry.tasks.prune", "schedule": 3600.0},
 }
 

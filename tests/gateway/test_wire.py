@@ -161,3 +161,30 @@ def test_bad_completion_prompts_fail(prompt: object) -> None:
         return
     with pytest.raises(GatewayError):
         validate_completion({"prompt": prompt})
+
+
+def make_call(body: dict, raw: bytes, streamed: bool) -> object:
+    from gateway.caches import ModelInfo
+    from gateway.proxy import Call
+
+    model = ModelInfo(
+        "Qwen/Qwen2.5-7B-Instruct", ("korean-qwen",), "http://x", "", 32768, None, 30.0
+    )
+    return Call("rid", None, model, "chat/completions", body, streamed, True, raw_body=raw)
+
+
+def test_upstream_body_is_the_clients_bytes_when_nothing_changes() -> None:
+    from gateway.proxy import prepare_upstream_body
+
+    raw = b'{"model": "Qwen/Qwen2.5-7B-Instruct", "messages": [], "x_extra": 1}'
+    assert prepare_upstream_body(make_call(json.loads(raw), raw, False)) is raw
+
+
+def test_upstream_body_resolves_aliases_and_always_asks_for_stream_usage() -> None:
+    from gateway.proxy import prepare_upstream_body
+
+    raw = b'{"model": "korean-qwen", "messages": [], "stream": true, "x_extra": [1, 2]}'
+    sent = json.loads(prepare_upstream_body(make_call(json.loads(raw), raw, True)))
+    assert sent["model"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["x_extra"] == [1, 2]
