@@ -28,6 +28,7 @@ from gateway.asgi_io import (
 )
 from gateway.caches import KeyCache, ModelCatalog, ModelInfo
 from gateway.counting import Counters
+from gateway.embedded_beat import embedded_beat
 from gateway.errors import GatewayError
 from gateway.ledger import LedgerWriter, UsageEvent
 from gateway.limits import Limits, make_backend
@@ -69,6 +70,7 @@ class Gateway:
         self.proxy = Proxy(self.upstream, self.counters, self.ledger, self.limits)
         self.in_flight = 0
         self.stats = StatsPublisher()
+        self.beat = embedded_beat()
         self.routes: dict[str, tuple[str, Handler]] = {
             "/v1/chat/completions": ("POST", self.chat_completions),
             "/v1/completions": ("POST", self.completions),
@@ -174,6 +176,8 @@ class Gateway:
             self.stats.rate_limited += exc.status == 429
             raise
         self.stats.ensure_running()
+        if self.beat is not None:
+            self.beat.start()
         self.in_flight = self.stats.in_flight = self.in_flight + 1
         metrics.IN_FLIGHT.inc()
         try:

@@ -180,6 +180,9 @@ else:
     CELERY_BROKER_URL = "memory://"
     CELERY_TASK_ALWAYS_EAGER = True
 CELERY_TASK_EAGER_PROPAGATES = True
+# Without Redis there is no worker and no beat: the gateway process runs the beat schedule
+# itself (gateway/embedded_beat.py). Tests turn it off and run tasks explicitly.
+EMBEDDED_BEAT = env_bool("EMBEDDED_BEAT", True)
 CELERY_TIMEZONE = "Asia/Seoul"
 # Beat: SGLang telemetry every TELEMETRY_SCRAPE_SECONDS, usage roll-ups every minute, pruning
 # of raw data past its retention hourly.
