@@ -453,6 +453,8 @@ def test_gateway_metrics_count_requests_tokens_and_refusals(world: World) -> Non
         model="korean-qwen", messages=KOREAN_CHAT, max_tokens=5
     )
     post(world, "/chat/completions", {"model": "gpt-17", "messages": KOREAN_CHAT})
+    # A request is counted when it is settled, just after its response went out.
+    time.sleep(0.2)
     after = gateway_metrics(world.url)
 
     def delta(name: str, **labels: str) -> float:
@@ -499,8 +501,12 @@ def test_metrics_of_several_processes_are_summed(world: World, tmp_path) -> None
             openai.OpenAI(
                 base_url=f"{url}/v1", api_key=world.keys["dev"], max_retries=0
             ).chat.completions.create(model="korean-qwen", messages=KOREAN_CHAT, max_tokens=2)
+        key = ("gateway_requests_total", (("model", FAST_MODEL), ("status", "200")))
+        # Counted at settlement, just after each response went out: give the last one a moment.
+        deadline = time.monotonic() + 5
+        while gateway_metrics(urls[0]).get(key) != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         merged = gateway_metrics(urls[0])
-    key = ("gateway_requests_total", (("model", FAST_MODEL), ("status", "200")))
     assert merged[key] == 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,16 @@ from telemetry.exports import (
 from telemetry.models import UsageRollup
 from telemetry.rollups import PERIODS, roll_up_recent
 from tests.telemetry.test_rollups import KIM, LARGE, LEE, NOW, SMALL, add, record
+
+
+@pytest.fixture(autouse=True)
+def english() -> Iterator[None]:
+    # The assertions read the command's English messages; Korean is the default language.
+    from django.utils import translation
+
+    with translation.override("en"):
+        yield
+
 
 pytestmark = pytest.mark.django_db
 
