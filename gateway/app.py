@@ -68,7 +68,6 @@ class Gateway:
         self.upstream = Upstream()
         self.limits = Limits(make_backend(), clock)
         self.proxy = Proxy(self.upstream, self.counters, self.ledger, self.limits)
-        self.in_flight = 0
         self.stats = StatsPublisher()
         self.beat = embedded_beat()
         self.routes: dict[str, tuple[str, Handler]] = {
@@ -178,12 +177,12 @@ class Gateway:
         self.stats.ensure_running()
         if self.beat is not None:
             self.beat.start()
-        self.in_flight = self.stats.in_flight = self.in_flight + 1
+        self.stats.in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
             await self.proxy.run(call, receive, out)
         finally:
-            self.in_flight = self.stats.in_flight = self.in_flight - 1
+            self.stats.in_flight -= 1
             metrics.IN_FLIGHT.dec()
             self.stats.requests += 1
             self.stats.tokens += call.billed

@@ -51,7 +51,7 @@ async def report(gateway: Gateway) -> dict[str, Any]:
     return {
         "status": status,
         "gateway": {
-            "in_flight": gateway.in_flight,
+            "in_flight": gateway.stats.in_flight,
             "ledger_pending": gateway.ledger.pending,
             "ledger_dropped": gateway.ledger.dropped,
         },
