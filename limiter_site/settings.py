@@ -180,6 +180,8 @@ else:
     CELERY_BROKER_URL = "memory://"
     CELERY_TASK_ALWAYS_EAGER = True
 CELERY_TASK_EAGER_PROPAGATES = True
+# Several deployments (or test runs) sharing one Redis keep their tasks apart by queue name.
+CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "celery")
 # Without Redis there is no worker and no beat: the gateway process runs the beat schedule
 # itself (gateway/embedded_beat.py). Tests turn it off and run tasks explicitly.
 EMBEDDED_BEAT = env_bool("EMBEDDED_BEAT", True)

@@ -96,6 +96,7 @@ def private_redis_prefix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     # Inherited by server and worker processes started by the tests.
     os.environ["LIMITER_REDIS_PREFIX"] = settings.LIMITER_REDIS_PREFIX = prefix
     os.environ["LEDGER_STREAM"] = settings.LEDGER_STREAM = f"{prefix}:ledger"
+    os.environ["CELERY_QUEUE"] = settings.CELERY_TASK_DEFAULT_QUEUE = f"{prefix}:tasks"
     # Periodic tasks run when a test says so, not on a gateway's timer.
     os.environ["EMBEDDED_BEAT"] = "0"
     settings.EMBEDDED_BEAT = False

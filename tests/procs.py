@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,14 +96,24 @@ def ledger_worker(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes] | Non
             [sys.executable, "-m", "celery", "-A", "limiter_site", "worker", "-B", "--pool", "solo",
              "--loglevel", "INFO", "-s", str(stem.with_suffix(".beat"))],
             cwd=ROOT, env={**os.environ, "DEBUG": "1", "LEDGER_DRAIN_SECONDS": "0.2", **env},
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Stop a process started with start_new_session=True and every child it forked (celery's
+    `-B` beat is a child: killing only the parent would leave it running)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -23,6 +23,7 @@ from accounts.services import create_api_key, get_or_create_user
 from quotas import ledger_stream
 from quotas.models import UsageRecord
 from tests.gateway.conftest import database_url_for_subprocess
+from tests.procs import stop_group
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -100,21 +101,17 @@ class Worker:
             [sys.executable, "-m", "celery", "-A", "limiter_site", "worker", "-B",
              "--pool", "solo", "--loglevel", "INFO", "-s", str(log.with_suffix(".beat"))],
             cwd=ROOT, env={**os.environ, "DEBUG": "1", **env},
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
+        """SIGKILL for the worker and its beat child: no chance to finish or acknowledge."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.log.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_group(self.proc)
         self.log.close()
 
 
