@@ -13,11 +13,13 @@ writer on this host. If the destination is down, segments wait on disk and are r
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
 import socket
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,20 +54,30 @@ class UsageEvent:
 
 
 class Spool:
-    """Append-only segments `<host>-<pid>.<n>.open` → `.ready` once sealed, in one directory."""
+    """Append-only segments `<host>~<pid>~<id>~<n>.open`, renamed `.ready` once sealed.
+
+    Several processes (and, in tests, several writers in one process) share the directory:
+    each ships only its own segments, and adopts a dead process's segments by an atomic
+    rename, so no segment is ever shipped by two writers at once.
+    """
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self.name = f"{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._sequence = 0
+        self.adopted: set[str] = set()  # names of segments taken over from dead processes
         self.lines = 0  # in the open segment
         self._file = self._open()
 
+    def _next_path(self, state: str) -> Path:
+        self._sequence += 1
+        return self.directory / f"{self.name}~{self._sequence}.{state}"
+
     def _open(self) -> Any:
-        path = self.directory / f"{self.name}.{self._sequence}.open"
-        return path.open("a", encoding="utf-8", buffering=1)  # line-buffered: one write a line
+        self._open_path = self._next_path("open")
+        return self._open_path.open("a", encoding="utf-8", buffering=1)  # a write a line
 
     def append(self, line: str) -> None:
         with self._lock:
@@ -77,22 +89,26 @@ class Spool:
             if not self.lines:
                 return
             self._file.close()
-            path = Path(self._file.name)
-            path.rename(path.with_suffix(".ready"))
-            self._sequence += 1
+            self._open_path.rename(self._open_path.with_suffix(".ready"))
             self.lines = 0
             self._file = self._open()
 
     def ready(self) -> list[Path]:
-        """Sealed segments of this process and every segment of processes that died."""
-        for path in self.directory.glob("*.open"):
-            if not _alive(path.name.split(".")[0]):
-                path.rename(path.with_suffix(".ready"))
-        return sorted(self.directory.glob("*.ready"), key=lambda p: p.stat().st_mtime)
+        """This writer's sealed segments, after adopting those of processes that died."""
+        for path in [*self.directory.glob("*.open"), *self.directory.glob("*.ready")]:
+            if path.name.startswith(self.name + "~") or _alive(path.name):
+                continue
+            with self._lock:
+                target = self._next_path("ready")
+            with contextlib.suppress(FileNotFoundError):  # another writer adopted it first
+                path.rename(target)
+                self.adopted.add(target.name)
+        mine = self.directory.glob(f"{self.name}~*.ready")
+        return sorted(mine, key=lambda p: int(p.stem.rsplit("~", 1)[1]))
 
 
-def _alive(name: str) -> bool:
-    host, _, pid = name.rpartition("-")
+def _alive(file_name: str) -> bool:
+    host, pid, *_ = file_name.split("~")
     if host != socket.gethostname() or not pid.isdigit():
         return True  # not ours to judge
     try:
@@ -146,7 +162,9 @@ class LedgerWriter:
                     _ship(rows[first : first + BATCH_SIZE])
                 segment.unlink()
                 shipped += len(rows)
-                if segment.name.startswith(self._spool.name + "."):
+                if segment.name in self._spool.adopted:
+                    self._spool.adopted.discard(segment.name)
+                else:
                     self.unshipped = max(self.unshipped - len(rows), 0)
         self.written += shipped
         return shipped

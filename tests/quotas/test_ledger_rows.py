@@ -135,3 +135,23 @@ def test_events_of_a_killed_process_are_shipped_by_the_next_one(tmp_path: Path) 
     assert writer(tmp_path).flush() == 250
     assert UsageRecord.objects.filter(user=user).count() == 250
     assert all(path.stat().st_size == 0 for path in tmp_path.iterdir())  # only a fresh segment
+
+
+def test_writers_sharing_a_spool_ship_only_their_own_segments(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    user, _ = get_or_create_user("공유")
+    key, _ = create_api_key(user)
+    first, second = writer(tmp_path), writer(tmp_path)
+    for event in events(user.pk, key.pk, 10):
+        first.record(event)
+    for event in events(user.pk, key.pk, 5):
+        second.record(event)
+    # A segment of another live process on this host (the parent of this test process).
+    live = tmp_path / f"{socket.gethostname()}~{os.getppid()}~other~1.ready"
+    live.write_text("")
+    assert first.flush() == 10 and second.flush() == 5
+    assert first.pending == 0 and second.pending == 0
+    assert live.exists()
+    assert UsageRecord.objects.filter(user=user).count() == 15
