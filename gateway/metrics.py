@@ -9,6 +9,8 @@ label unless GATEWAY_METRICS_PER_USER is on: users are unbounded, series must no
 from __future__ import annotations
 
 import os
+import struct
+import time
 
 from django.conf import settings
 from prometheus_client import (
@@ -76,11 +78,19 @@ LEDGER_STREAM_BACKLOG = Gauge(
 
 
 def exposition() -> tuple[bytes, str]:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest(), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    for attempt in range(3):
+        try:
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        except struct.error:
+            # Another process has just created its metrics file and not yet sized it.
+            if attempt == 2:
+                raise
+            time.sleep(0.01)
+    raise AssertionError("unreachable")
 
 
 def user_labels(username: str) -> dict[str, str]:
