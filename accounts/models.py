@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
@@ -45,9 +43,3 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.user})"
-
-    def is_usable(self, now: datetime | None = None) -> bool:
-        now = now or timezone.now()
-        if self.revoked_at is not None:
-            return False
-        return self.expires_at is None or self.expires_at > now

@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 # Above this many body bytes the prompt is counted off the event loop.
 INLINE_COUNT_MAX_BYTES = 8 * 1024
-CHAT_TEMPLATE_FIELDS = ("chat_template_kwargs",)
 
 token_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="token-count")
 
@@ -61,6 +60,14 @@ class Counters:
             return _count(counter, endpoint, body)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(token_executor, _count, counter, endpoint, body)
+
+    async def count_completion(self, model: ModelInfo, text: str) -> int:
+        """Generated text the upstream billed nothing for; long text off the loop, as prompts."""
+        counter = await self.get(model)
+        if len(text) * 3 <= INLINE_COUNT_MAX_BYTES:  # Hangul is 3 bytes in the UTF-8 body
+            return counter.count_completion(text)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(token_executor, counter.count_completion, text)
 
 
 def _count(counter: TokenCounter, endpoint: str, body: dict[str, Any]) -> int:

@@ -201,8 +201,7 @@ class Proxy:
         if usage is None:
             completion = 0
             if call.generated_text:
-                counter = await self.counters.get(call.model)
-                completion = counter.count_text(call.generated_text)
+                completion = await self.counters.count_completion(call.model, call.generated_text)
             produced = call.status == 200 or completion > 0
             usage = Usage(
                 prompt_tokens=call.prompt_count if produced else 0, completion_tokens=completion

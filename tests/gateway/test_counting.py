@@ -53,3 +53,20 @@ def test_a_30000_character_prompt_is_counted_off_the_event_loop(
 
 def test_the_tokenizer_loads_once_per_process() -> None:
     assert get_counter(MODEL.name) is get_counter(MODEL.name)
+
+
+@pytest.mark.parametrize(
+    ("text", "off_loop"), [("짧은 답변입니다.", False), ("긴 답변. " * 3000, True)]
+)
+def test_generated_text_is_counted_like_prompts(text: str, off_loop: bool, monkeypatch) -> None:
+    counter = get_counter(MODEL.name)
+    threads: list[str] = []
+    real = counter.count_completion
+
+    def spy(value: str) -> int:
+        threads.append(threading.current_thread().name)
+        return real(value)
+
+    monkeypatch.setattr(counter, "count_completion", spy)
+    assert asyncio.run(Counters().count_completion(MODEL, text)) == counter.count_text(text)
+    assert threads[0].startswith("token-count") is off_loop
