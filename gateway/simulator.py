@@ -68,7 +68,7 @@ from gateway.simulator_wire import (
     simulated_failure,
     sse,
 )
-from quotas.tokens import TokenCounter, TokenizerCounter, get_counter
+from quotas.tokens import TokenCounter, TokenizerCounter, get_counter, sglang_template_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -434,8 +434,7 @@ class Api:
         kwargs = body.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise SimError("chat_template_kwargs: Input should be a valid dictionary")
-        # SGLang passes the request's reasoning_effort to the template next to the kwargs.
-        kwargs = {"reasoning_effort": body.get("reasoning_effort"), **kwargs}
+        kwargs = sglang_template_kwargs(body.get("reasoning_effort"), kwargs)
         tools, tool_choice = body.get("tools"), body.get("tool_choice")
         try:
             return self.sim.counter.count_chat(messages, tools, tool_choice=tool_choice, **kwargs)
@@ -594,7 +593,9 @@ class Api:
         if (body.get("prompt") is None) == (body.get("messages") is None):
             raise SimError("Exactly one of 'prompt' or 'messages' must be provided.")
         if body.get("messages") is not None:
-            kwargs = body.get("chat_template_kwargs") or {}
+            kwargs = sglang_template_kwargs(
+                body.get("reasoning_effort"), body.get("chat_template_kwargs")
+            )
             tools, tool_choice = body.get("tools"), body.get("tool_choice")
             try:
                 ids = counter.encode_chat(

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from quotas import chat_templates
+
 log = logging.getLogger(__name__)
 
 Message = Mapping[str, Any]
@@ -157,11 +159,12 @@ class TokenCounter:
 
     source: str = ""
     exact: bool = False
+    vocab_size: int | None = None  # token ids at or above it are invalid; None: unknown
 
     def count_text(self, text: str) -> int:
         raise NotImplementedError
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         raise NotImplementedError
 
     def render_chat(
@@ -197,20 +200,25 @@ class TokenizerCounter(TokenCounter):
     exact = True
 
     def __init__(self, tokenizer: Any, source: str) -> None:
+        chat_templates.install()  # before the first render compiles the template
         self.tokenizer = tokenizer
         self.source = source
+        self.vocab_size = len(tokenizer)
         self.content_format = detect_content_format(getattr(tokenizer, "chat_template", None))
         backend = getattr(tokenizer, "backend_tokenizer", None)
         # The Rust tokenizer directly: same ids as tokenizer.encode(add_special_tokens=False)
-        # without the Python wrapper's per-call overhead.
+        # without the Python wrapper's per-call overhead. encode_batch rather than encode: it
+        # releases the GIL while it works (measured: a 750,000-character prompt held the event
+        # loop 1.4 s through encode on a worker thread, 5 ms through encode_batch) at the same
+        # cost (docs/benchmarks.md).
         self._encode: Callable[[str], Sequence[int]] = (
-            (lambda text: backend.encode(text, add_special_tokens=False).ids)
+            (lambda text: backend.encode_batch([text], add_special_tokens=False)[0].ids)
             if backend is not None
             else (lambda text: tokenizer.encode(text, add_special_tokens=False))
         )
         # len() of the Rust Encoding: no Python list of ids just to count them.
         self._count: Callable[[str], int] = (
-            (lambda text: len(backend.encode(text, add_special_tokens=False)))
+            (lambda text: len(backend.encode_batch([text], add_special_tokens=False)[0]))
             if backend is not None
             else (lambda text: len(self._encode(text)))
         )
@@ -218,8 +226,13 @@ class TokenizerCounter(TokenCounter):
     def count_text(self, text: str) -> int:
         return self._count(text)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._encode(text))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if not add_special_tokens:
+            return list(self._encode(text))
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return list(self.tokenizer.encode(text, add_special_tokens=True))
+        return list(backend.encode_batch([text], add_special_tokens=True)[0].ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
@@ -238,17 +251,19 @@ class TokenizerCounter(TokenCounter):
         """
         conversation = [sglang_message(m, self.content_format) for m in messages]
         functions = sglang_tools(tools, tool_choice)
-        # SGLang always passes reasoning_effort (None unless the request sets it).
-        kwargs = {"reasoning_effort": None, **template_kwargs}
         try:
-            return self._apply(conversation, functions, kwargs)
+            return self._apply(conversation, functions, template_kwargs)
+        except chat_templates.TemplateBudgetExceeded:
+            raise  # not the template refusing the conversation: no retry
         except Exception as exc:
             if not functions:
                 raise ValueError(str(exc) or type(exc).__name__) from exc
         # SGLang's retry for templates (Mistral's) that want the {"function": …} wrapper.
         wrapped = [f if "function" in f else {"function": f} for f in functions]
         try:
-            return self._apply(conversation, wrapped, kwargs)
+            return self._apply(conversation, wrapped, template_kwargs)
+        except chat_templates.TemplateBudgetExceeded:
+            raise
         except Exception as exc:
             raise ValueError(str(exc) or type(exc).__name__) from exc
 
@@ -307,7 +322,7 @@ class EstimatingCounter(TokenCounter):
         features = estimator_features(text, self.units, blanks=self.blanks)
         return estimate_tokens(features, self.factors)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         raise NotImplementedError(f"{self.source} has no tokenizer and cannot produce token ids")
 
     def render_chat(
@@ -439,6 +454,24 @@ def _from_pretrained(location: str) -> Any | None:
 
 
 # --- SGLang's request normalisation ------------------------------------------------------------
+
+
+def sglang_template_kwargs(
+    reasoning_effort: str | None, chat_template_kwargs: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The keyword arguments SGLang renders a chat request's template with.
+
+    sglang serving_chat.py `_apply_jinja_template`: `reasoning_effort` when the request sets
+    it, then the request's chat_template_kwargs; protocol.py `normalize_reasoning_inputs` first
+    defaults `thinking` and `enable_thinking` in those kwargs to "effort is not none".
+    """
+    kwargs: dict[str, Any] = dict(chat_template_kwargs or {})
+    if reasoning_effort is None:
+        return kwargs
+    thinking = reasoning_effort != "none"
+    kwargs.setdefault("thinking", thinking)
+    kwargs.setdefault("enable_thinking", thinking)
+    return {"reasoning_effort": reasoning_effort, **kwargs}
 
 
 def sglang_message(message: Message, content_format: str = "string") -> dict[str, Any]:
