@@ -69,8 +69,12 @@ def drain_once(connection: redis.Redis, consumer: str, count: int) -> int:
     rows = [tuple(json.loads(fields[FIELD.encode()])) for _, fields in entries]
     record_usage_rows(rows)  # commits before anything is acknowledged
     ids = [entry_id for entry_id, _ in entries]
-    connection.xack(settings.LEDGER_STREAM, GROUP, *ids)
-    connection.xdel(settings.LEDGER_STREAM, *ids)
+    # Both or neither (MULTI/EXEC): a worker killed between an XACK and its XDEL left entries
+    # acknowledged, so never claimed again, yet never deleted, counted as backlog for ever.
+    done = connection.pipeline(transaction=True)
+    done.xack(settings.LEDGER_STREAM, GROUP, *ids)
+    done.xdel(settings.LEDGER_STREAM, *ids)
+    done.execute()
     return len(entries)
 
 
