@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
+import string
 from datetime import datetime
 
 from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from accounts.models import ApiKey
 
@@ -27,6 +30,46 @@ QUICK_START_KEYS = frozenset(
         "sk-test-korean-key-stu",
     }
 )
+
+
+# An imported (operator-chosen) key must hide at least this many random bits beyond the part the
+# admin shows, as a generated key does (256).
+MIN_KEY_BITS = 128
+MIN_DISTINCT_CHARACTERS = 12
+
+
+def hidden_key_bits(raw_key: str) -> float:
+    """The most random bits the key's hidden part (after the visible prefix) can carry: its
+    length times log2 of the alphabet its characters come from. Only an upper bound for keys a
+    person made up, hence also MIN_DISTINCT_CHARACTERS."""
+    body = raw_key.removeprefix(KEY_PREFIX)
+    alphabet = _alphabet_size(body)
+    hidden = raw_key[VISIBLE_PREFIX_LENGTH:]
+    return len(hidden) * math.log2(alphabet) if alphabet > 1 else 0.0
+
+
+def _alphabet_size(text: str) -> int:
+    if text.isdigit():
+        return 10
+    if all(char in string.hexdigits for char in text):
+        return 16
+    size = 26 * any(char in string.ascii_lowercase for char in text)
+    size += 26 * any(char in string.ascii_uppercase for char in text)
+    size += 10 * any(char in string.digits for char in text)
+    size += 2 * any(char in "-_" for char in text)
+    size += 32 * any(not (char.isascii() and (char.isalnum() or char in "-_")) for char in text)
+    return size
+
+
+def weak_key_reason(raw_key: str) -> str | None:
+    """Why an operator-chosen key is too easy to guess, or None if it is strong enough."""
+    if hidden_key_bits(raw_key) < MIN_KEY_BITS or len(set(raw_key)) < MIN_DISTINCT_CHARACTERS:
+        return gettext(
+            "an API key needs at least %(bits)d random bits beyond its first %(shown)d "
+            "characters (e.g. sk- and 32 random letters and digits); generate one with: "
+            "python -c \"import secrets; print('sk-' + secrets.token_urlsafe(32))\""
+        ) % {"bits": MIN_KEY_BITS, "shown": VISIBLE_PREFIX_LENGTH}
+    return None
 
 
 def hash_key(raw_key: str) -> str:

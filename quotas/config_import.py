@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import transaction
@@ -232,15 +233,28 @@ def key_entry(raw_key: Any) -> str:
 def _api_keys(value: Any) -> dict[str, str]:
     keys = _mapping(value)
     for raw_key, username in keys.items():
-        usable = isinstance(raw_key, str) and len(raw_key) >= MIN_KEY_LENGTH
-        if not usable or any(char.isspace() for char in raw_key):
-            message = gettext("an API key must be a string of at least %(length)d characters")
-            raise Invalid(message % {"length": MIN_KEY_LENGTH}, key=key_entry(raw_key))
+        _check_key(raw_key)
         try:
             _username(username)
         except Invalid as exc:
             raise Invalid(str(exc), key=key_entry(raw_key)) from None
     return keys
+
+
+def _check_key(raw_key: Any) -> None:
+    usable = isinstance(raw_key, str) and len(raw_key) >= MIN_KEY_LENGTH
+    if not usable or any(char.isspace() for char in raw_key):
+        message = gettext("an API key must be a string of at least %(length)d characters")
+        raise Invalid(message % {"length": MIN_KEY_LENGTH}, key=key_entry(raw_key))
+    if raw_key in accounts.QUICK_START_KEYS:
+        # Published in the README: fine for a first try, refused anywhere that is not one.
+        if not settings.DEBUG:
+            message = gettext("a published quick-start key; it is imported only with DEBUG=1")
+            raise Invalid(message, key=key_entry(raw_key))
+        return
+    reason = accounts.weak_key_reason(raw_key)
+    if reason is not None:
+        raise Invalid(reason, key=key_entry(raw_key))
 
 
 # --- The two formats ----------------------------------------------------------------------------

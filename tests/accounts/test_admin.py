@@ -36,14 +36,16 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def data() -> None:
+def data(settings: Any) -> None:
+    settings.DEBUG = True  # the shipped quick-start keys are imported only with DEBUG
     call_command(
         "import_config",
         str(CONFIG / "sglang_korean.yaml"),
         str(CONFIG / "korean_users.yaml"),
         verbosity=0,
-        stderr=StringIO(),  # the quick-start warning: DEBUG is off in tests
+        stderr=StringIO(),
     )
+    settings.DEBUG = False
     user = User.objects.get(username="한국어개발자")
     key = ApiKey.objects.filter(user=user).get()
     now = timezone.now()

@@ -54,6 +54,17 @@ def english() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True)
+def first_try(settings: Any) -> None:
+    # The shipped users file holds the published quick-start keys: imported with DEBUG only
+    # (as deploy/quickstart.sh runs it). Tests of DEBUG off set it themselves.
+    settings.DEBUG = True
+
+
+# What an operator should choose: 32 random URL-safe bytes, as the admin generates.
+STRONG_KEY = "sk-q3X8vN1cLr5TzA0wKb7YhE2mJ9uPgD4sFo6iRl_Vt-8"
+
+
 def run(*paths: str) -> tuple[str, str]:
     out, err = StringIO(), StringIO()
     call_command("import_config", *paths, stdout=out, stderr=err)
@@ -134,7 +145,6 @@ def assert_shipped_state() -> None:
 
 
 def test_imports_every_value_of_the_shipped_files(settings: Any) -> None:
-    settings.DEBUG = True  # Django's test set-up turns it off; the warning is tested below
     out, err = run(SERVER_FILE, USERS_FILE)
 
     assert_shipped_state()
@@ -457,11 +467,11 @@ def test_a_user_defined_in_two_files_is_refused(tmp_path: Path) -> None:
 
 
 def test_keys_may_name_users_of_another_imported_file(tmp_path: Path) -> None:
-    keys = write(tmp_path, "keys.yaml", {"api_keys": {"sk-another-long-enough-key-1": "사용자1"}})
+    keys = write(tmp_path, "keys.yaml", {"api_keys": {STRONG_KEY: "사용자1"}})
 
     run(USERS_FILE, keys)
 
-    grant = load_key_grant(hash_key("sk-another-long-enough-key-1"))
+    grant = load_key_grant(hash_key(STRONG_KEY))
     assert grant is not None and grant.username == "사용자1"
 
 
@@ -483,10 +493,46 @@ def test_a_failure_while_applying_rolls_everything_back() -> None:
 # --- The quick-start keys ---------------------------------------------------------------------
 
 
-def test_warns_about_quick_start_keys_when_debug_is_off(settings: Any) -> None:
+@pytest.mark.parametrize(
+    "weak",
+    [
+        "sk-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",  # long, but one character
+        "sk-my-company-key-2026-x",  # 9 characters beyond the 11 the admin shows
+        "sk-0123456789abcdef0123456789abcdef",  # 24 hidden hex characters: 96 bits
+    ],
+)
+def test_operator_chosen_keys_need_128_hidden_random_bits(tmp_path: Path, weak: str) -> None:
+    keys = write(tmp_path, "keys.yaml", {"users": {"운영": {"rpm": 1}}, "api_keys": {weak: "운영"}})
+
+    with pytest.raises(CommandError, match="at least 128 random bits beyond its first 11"):
+        run(keys)
+    assert not ApiKey.objects.exists()
+
+
+def test_a_strong_key_is_imported_with_debug_off(tmp_path: Path, settings: Any) -> None:
+    settings.DEBUG = False
+    keys = write(
+        tmp_path, "keys.yaml", {"users": {"운영": {"rpm": 1}}, "api_keys": {STRONG_KEY: "운영"}}
+    )
+
+    run(keys)
+
+    assert load_key_grant(hash_key(STRONG_KEY)) is not None
+
+
+def test_quick_start_keys_are_refused_with_debug_off(settings: Any) -> None:
     settings.DEBUG = False
 
-    _out, err = run(SERVER_FILE, USERS_FILE)
+    with pytest.raises(CommandError, match="published quick-start key; it is imported only with"):
+        run(SERVER_FILE, USERS_FILE)
+    assert not ApiKey.objects.exists()
+
+
+def test_warns_about_quick_start_keys_when_debug_is_off(settings: Any) -> None:
+    run(SERVER_FILE, USERS_FILE)  # imported on a first try (DEBUG=1) …
+    settings.DEBUG = False  # … and still active once DEBUG is off
+
+    _out, err = run(SERVER_FILE)
 
     assert "public quick-start keys" in err
     for raw_key in QUICK_START_KEYS:
@@ -499,7 +545,7 @@ def test_no_warning_once_the_quick_start_keys_are_revoked(settings: Any) -> None
     revoke_api_keys(key_ids=list(ApiKey.objects.values_list("pk", flat=True)))
     settings.DEBUG = False
 
-    _out, err = run(SERVER_FILE, USERS_FILE)
+    _out, err = run(SERVER_FILE)
 
     assert err == ""
 
