@@ -33,6 +33,8 @@ class ServedModelForm(forms.ModelForm):
             "context_length",
             "korean_factor",
             "request_timeout_seconds",
+            "lora_adapters",
+            "accepts_media",
             "is_active",
             "description",
         )

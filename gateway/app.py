@@ -1,13 +1,17 @@
-"""The gateway: a raw ASGI app for `/v1/` and `/health`, mounted ahead of Django.
+"""The gateway: a raw ASGI app for `/v1/`, `/health` and `/metrics`, mounted ahead of Django.
 
 A raw ASGI app rather than Django views or an AsyncHttpConsumer because, measured inside this
-stack (../shared/reference/hotpath.md), it cost 0.1-0.35 ms of CPU per request against 2-3 ms
-for a Django async view, and AsyncHttpConsumer never noticed a client disconnect. Django still
-owns the ORM, admin, REST API and pages; this path touches the database only through caches.
+stack (docs/benchmarks.md), it cost 0.1-0.35 ms of CPU per request against 2-3 ms for a Django
+async view, and AsyncHttpConsumer never noticed a client disconnect. Django still owns the ORM,
+admin, REST API and pages; this path touches the database only through caches.
+
+Every answer is JSON with an `x-request-id`, whatever goes wrong: unknown paths, wrong methods,
+refusals, upstream failures and the gateway's own bugs (a JSON 500, never a traceback).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -16,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from django.conf import settings
 
-from gateway import health, metrics
+from gateway import metrics, monitoring
 from gateway.asgi_io import (
     ClientDisconnected,
     Receive,
@@ -24,20 +28,22 @@ from gateway.asgi_io import (
     Scope,
     Send,
     header,
+    header_count,
     read_body,
 )
 from gateway.caches import KeyCache, ModelCatalog, ModelInfo
 from gateway.counting import Counters
 from gateway.embedded_beat import embedded_beat
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, invalid
+from gateway.health import LIVE, Readiness
 from gateway.ledger import LedgerWriter, UsageEvent
 from gateway.limits import Limits, make_backend
-from gateway.proxy import CHAT, COMPLETIONS, Call, Proxy
+from gateway.preparation import Prepared, UpstreamTarget, prepare, tokenize
+from gateway.proxy import Call, Proxy
+from gateway.request_schema import CHAT, COMPLETIONS, TOKENIZE, Context, require_model, validate
 from gateway.stats import StatsPublisher
-from gateway.tokenize import check_tokenize_body, tokenize
 from gateway.upstream import Upstream
-from gateway.validation import parse_json_object, require_model, validate_chat, validate_completion
-from quotas.limiter import Clock, ratelimit_headers, reservation_for, system_clock
+from quotas.limiter import Clock, ratelimit_headers, system_clock
 from quotas.services import KeyGrant
 
 log = logging.getLogger(__name__)
@@ -69,13 +75,19 @@ class Gateway:
         self.limits = Limits(make_backend(), clock)
         self.proxy = Proxy(self.upstream, self.counters, self.ledger, self.limits)
         self.stats = StatsPublisher()
+        self.readiness = Readiness(
+            self.catalog, self.upstream, self.ledger, lambda: self.stats.in_flight,
+            self.counters.source,
+        )  # fmt: skip
         self.beat = embedded_beat()
+        self._warm_up: asyncio.Future[None] | None = None
         self.routes: dict[str, tuple[str, Handler]] = {
             "/v1/chat/completions": ("POST", self.chat_completions),
             "/v1/completions": ("POST", self.completions),
             "/v1/models": ("GET", self.list_models),
             "/v1/tokenize": ("POST", self.tokenize),
             "/health": ("GET", self.health),
+            "/health/ready": ("GET", self.health_ready),
             "/metrics": ("GET", self.metrics),
         }
 
@@ -83,46 +95,70 @@ class Gateway:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        out = Responder(send)
+        out = Responder(send, uuid.uuid4().hex)
         try:
-            route = self.routes.get(scope["path"].rstrip("/") or "/")
-            if route is None:
-                raise GatewayError(404, f"Unknown path {scope['path']}.", code="unknown_url")
-            method, handler = route
-            if scope["method"] != method:
-                raise GatewayError(
-                    405,
-                    f"{scope['method']} is not allowed here; use {method}.",
-                    code="method_not_allowed",
-                )
-            await handler(scope, receive, out)
+            await self._dispatch(scope, receive, out)
         except ClientDisconnected:
             pass
         except GatewayError as exc:
-            if not out.started:
-                await out.error(exc)
+            await out.fail(exc)
         except Exception:
-            # Log the traceback for operators; the client only ever gets the OpenAI-shaped error.
-            log.exception("unhandled error on %s", scope.get("path"))
-            if not out.started:
-                await out.error(
-                    GatewayError(
-                        500, "The gateway failed to handle this request.", type_="server_error"
-                    )
+            # Operators get the traceback in the log; the client an OpenAI-shaped 500.
+            log.exception("unhandled error on %r (request %s)", scope.get("path"), out.request_id)
+            await out.fail(
+                GatewayError(
+                    500,
+                    f"The gateway failed to handle this request (request id {out.request_id}).",
+                    type_="server_error",
                 )
+            )
+
+    async def _dispatch(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        path = scope["path"]
+        route = self.routes.get(path.rstrip("/") or "/")
+        if route is None:
+            raise GatewayError(
+                404, f"Unknown path {path[:200]!r}.", code="unknown_url", type_="not_found_error"
+            )
+        method, handler = route
+        asked = scope["method"]
+        if asked != method and not (asked == "HEAD" and method == "GET"):
+            raise GatewayError(
+                405,
+                f"{asked[:20]} is not allowed here; use {method}.",
+                code="method_not_allowed",
+                headers=[(b"allow", method.encode())],
+            )
+        await handler(scope, receive, out)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         # uvicorn speaks lifespan (Daphne does not): close the upstream pool cleanly on exit.
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                # Load the served models (and, from them, the tokenizers) now rather than on
+                # the first request; a database that is not up yet is retried then.
+                self._warm_up = asyncio.ensure_future(self._load_catalog())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.upstream.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    async def _load_catalog(self) -> None:
+        try:
+            await self.catalog.models()
+        except Exception:
+            log.warning("could not load the served models at start-up", exc_info=True)
+
     async def authenticate(self, scope: Scope) -> KeyGrant:
+        if header_count(scope, b"authorization") > 1:
+            # Proxies and servers disagree on which of two wins: refuse rather than guess.
+            raise invalid(
+                "Send exactly one Authorization header.",
+                param="authorization",
+                code="duplicate_authorization",
+            )
         raw = header(scope, b"authorization")
         if raw is None:
             raise _unauthorized(
@@ -162,17 +198,11 @@ class Gateway:
         self, scope: Scope, receive: Receive, out: Responder, endpoint: str
     ) -> None:
         grant = await self.authenticate(scope)
-        request_id = uuid.uuid4().hex
         started = time.time()
         try:
-            call = await self._admit(scope, receive, grant, endpoint, request_id)
+            call = await self._admit(scope, receive, grant, endpoint, out.request_id)
         except GatewayError as exc:
-            # Refused after authentication: still one ledger row (429s by kind, 4xx by type).
-            exc.headers.append((b"x-request-id", request_id.encode()))
-            self.ledger.record(refused_event(request_id, grant, endpoint, started, exc))
-            metrics.observe_refused(grant.username, exc.status, exc.type)
-            self.stats.requests += 1
-            self.stats.rate_limited += exc.status == 429
+            self._refused(grant, endpoint, started, exc, out.request_id)
             raise
         self.stats.ensure_running()
         if self.beat is not None:
@@ -187,73 +217,148 @@ class Gateway:
             self.stats.requests += 1
             self.stats.tokens += call.billed
 
+    def _refused(
+        self, grant: KeyGrant, endpoint: str, started: float, exc: GatewayError, request_id: str
+    ) -> None:
+        """Refused after authentication: still one ledger row (429s by kind, 4xx by type)."""
+        self.ledger.record(refused_event(request_id, grant, endpoint, started, exc))
+        metrics.observe_refused(grant.username, exc.status, exc.type)
+        self.stats.requests += 1
+        self.stats.rate_limited += exc.status == 429
+
+    async def _prepare(
+        self, scope: Scope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str
+    ) -> tuple[str, ModelInfo, Prepared]:
+        """(the model name the client asked for, the model it resolves to, the prepared call)"""
+        body = await read_body(
+            scope, receive, settings.GATEWAY_MAX_BODY_BYTES, settings.GATEWAY_BODY_TIMEOUT_SECONDS
+        )
+        data = await self.counters.parse(body)
+        requested = require_model(data)
+        model, adapter = await self._resolve(requested, data.get("lora_path"), grant)
+        counter = await self.counters.get(model)
+        ctx = Context(
+            vocab_size=counter.vocab_size,
+            accepts_media=model.accepts_media,
+            max_choices=settings.GATEWAY_MAX_CHOICES,
+            extra_fields=grant.access.extra_fields,
+        )
+        target = UpstreamTarget(model.name, adapter, request_id, grant.access)
+        prepared = await self.counters.prepare(
+            len(body), grant.user_id, prepare, endpoint, data, ctx, counter,
+            model.context_length, target,
+        )  # fmt: skip
+        return requested, model, prepared
+
     async def _admit(
         self, scope: Scope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str
     ) -> Call:
-        body = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
-        data = parse_json_object(body)
-        requested = require_model(data)
-        (validate_chat if endpoint == CHAT else validate_completion)(data)
-        model = await self._resolve(requested, grant)
-        stream = bool(data.get("stream"))
-        options = data.get("stream_options") or {}
-        call = Call(
+        requested, model, prepared = await self._prepare(
+            scope, receive, grant, endpoint, request_id
+        )
+        reserved = prepared.budget.reserved
+        decision = await self.limits.admit(grant, request_id, reserved, requested)
+        return Call(
             request_id=request_id,
             grant=grant,
             model=model,
             endpoint=endpoint,
-            body=data,
-            streamed=stream,
-            client_wants_usage=bool(options.get("include_usage")) or not stream,
-            raw_body=body,
+            upstream_body=prepared.upstream_body,
+            streamed=prepared.valid.stream,
+            client_wants_usage=prepared.valid.client_wants_usage,
+            prompt_count=prepared.prompt_tokens,
+            reserved=reserved,
+            headers=ratelimit_headers(decision.state) if decision is not None else [],
         )
-        call.prompt_count = await self.counters.count_prompt(model, endpoint, data, len(body))
-        call.reserved = reservation_for(
-            call.prompt_count, data, model.context_length, settings.LIMITER_DEFAULT_MAX_TOKENS
-        )
-        decision = await self.limits.admit(grant, request_id, call.reserved, requested)
-        call.headers = [(b"x-request-id", request_id.encode())]
-        if decision is not None:
-            call.headers.extend(ratelimit_headers(decision.state))
-        return call
 
-    async def _resolve(self, requested: str, grant: KeyGrant) -> ModelInfo:
+    async def _resolve(
+        self, requested: str, lora_path: object, grant: KeyGrant
+    ) -> tuple[ModelInfo, str | None]:
+        """The served model and LoRA adapter a request names, if this key may use them.
+
+        An adapter is named as `model:adapter` (SGLang's syntax) or with `lora_path`; it must
+        be one the model lists and the plan allows.
+        """
         model = await self.catalog.resolve(requested)
-        if model is None or not _allowed(model, grant):
+        adapter: str | None = None
+        if model is None and ":" in requested:
+            base, _, adapter = requested.rpartition(":")
+            model = await self.catalog.resolve(base)
+        if lora_path is not None:
+            if not isinstance(lora_path, str) or (adapter is not None and adapter != lora_path):
+                raise invalid(
+                    "lora_path must be one adapter name (the same as in model, if named there).",
+                    param="lora_path",
+                )
+            adapter = lora_path
+        if model is None or not _allowed(model, grant, adapter):
             raise not_found(requested)
-        return model
+        if adapter is not None and adapter not in model.lora_adapters:
+            raise not_found(f"{model.name}:{adapter}")
+        return model, adapter
 
     async def list_models(self, scope: Scope, receive: Receive, out: Responder) -> None:
         grant = await self.authenticate(scope)
         cards = []
         for model in await self.catalog.models():
-            if not _allowed(model, grant):
-                continue
-            for name in (model.name, *model.aliases):
-                cards.append(
-                    {
-                        "id": name,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "sglang",
-                        "root": model.name,
-                        "max_model_len": model.context_length,
-                    }
-                )
+            if _allowed(model, grant, None):
+                for name in (model.name, *model.aliases):
+                    cards.append(_card(name, model.name, model.context_length))
+            for adapter in model.lora_adapters:
+                if _allowed(model, grant, adapter):
+                    card = _card(f"{model.name}:{adapter}", model.name, model.context_length)
+                    cards.append({**card, "parent": model.name})
         await out.json(200, {"object": "list", "data": cards})
 
     async def tokenize(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        """Authenticated, admitted as a request (no tokens reserved), recorded, never billed."""
         grant = await self.authenticate(scope)
-        body = await read_body(scope, receive, settings.GATEWAY_MAX_BODY_BYTES)
-        data = parse_json_object(body)
-        model = await self._resolve(require_model(data), grant)
-        check_tokenize_body(data)
-        await out.json(200, await tokenize(self.counters, model, data, len(body)))
+        started = time.time()
+        request_id = out.request_id
+        try:
+            body = await read_body(
+                scope,
+                receive,
+                settings.GATEWAY_MAX_BODY_BYTES,
+                settings.GATEWAY_BODY_TIMEOUT_SECONDS,
+            )
+            data = await self.counters.parse(body)
+            requested = require_model(data)
+            model, _ = await self._resolve(requested, None, grant)
+            counter = await self.counters.get(model)
+            valid = validate(TOKENIZE, data, Context(vocab_size=counter.vocab_size))
+            decision = await self.limits.admit(grant, request_id, 0, requested)
+        except GatewayError as exc:
+            self._refused(grant, TOKENIZE, started, exc, request_id)
+            raise
+        status, count, error_type = 500, 0, "server_error"
+        try:
+            result = await self.counters.prepare(
+                len(body), grant.user_id, tokenize, counter, valid.fields, model.context_length
+            )
+            status, count, error_type = 200, result["count"], ""
+            headers = ratelimit_headers(decision.state) if decision is not None else []
+            await out.json(200, result, headers)
+        except GatewayError as exc:
+            status, error_type = exc.status, exc.type
+            raise
+        finally:
+            await self.limits.settle(grant, request_id, 0)
+            self.ledger.record(
+                UsageEvent(
+                    request_id=request_id, user_id=grant.user_id, key_id=grant.key_id,
+                    model=model.name, endpoint=TOKENIZE, status_code=status, streamed=False,
+                    started_at=started, finished_at=time.time(), estimated_prompt_tokens=count,
+                    usage_source="none", error_type=error_type,
+                )
+            )  # fmt: skip
 
     async def metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        if not monitoring.is_monitoring(scope):
+            raise monitoring.forbidden("/metrics")
         metrics.LEDGER_BACKLOG.set(self.ledger.pending)
         if settings.REDIS_URL:
-            backlog = (await health.report_redis()).get("ledger_stream_backlog")
+            backlog = (await self.readiness.redis_state()).get("ledger_stream_backlog")
             if backlog is not None:
                 metrics.LEDGER_STREAM_BACKLOG.set(backlog)
         body, content_type = metrics.exposition()
@@ -261,8 +366,19 @@ class Gateway:
         await out.body(body)
 
     async def health(self, scope: Scope, receive: Receive, out: Responder) -> None:
-        report = await health.report(self)
-        await out.json(503 if report["status"] == "unavailable" else 200, report)
+        """Liveness: this process answers. Nothing else is said or checked."""
+        if scope["method"] == "HEAD":
+            await out.start(200, [(b"content-type", b"application/json")])
+            await out.body(b"")
+            return
+        await out.json(200, LIVE, [(b"cache-control", b"no-store")])
+
+    async def health_ready(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        if not (monitoring.is_monitoring(scope) or await monitoring.is_staff_session(scope)):
+            raise monitoring.forbidden("/health/ready")
+        report = await self.readiness.report()
+        status = 503 if report["status"] == "unavailable" else 200
+        await out.json(status, report, [(b"cache-control", b"no-store")])
 
 
 def refused_event(
@@ -283,9 +399,26 @@ def refused_event(
     )
 
 
-def _allowed(model: ModelInfo, grant: KeyGrant) -> bool:
+def _allowed(model: ModelInfo, grant: KeyGrant, adapter: str | None) -> bool:
+    """Plans list models by name or alias, adapters as `model:adapter` or `model:*`."""
     allowed = grant.limits.allowed_models
-    return not allowed or model.name in allowed or any(a in allowed for a in model.aliases)
+    if not allowed:
+        return True
+    names = (model.name, *model.aliases)
+    if adapter is None:
+        return any(name in allowed for name in names)
+    return any(f"{name}:{adapter}" in allowed or f"{name}:*" in allowed for name in names)
+
+
+def _card(name: str, root: str, context_length: int) -> dict[str, object]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "sglang",
+        "root": root,
+        "max_model_len": context_length,
+    }
 
 
 def _unauthorized(message: str, code: str) -> GatewayError:

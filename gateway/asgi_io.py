@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from gateway.errors import GatewayError
-from gateway.validation import payload_too_large
+import orjson
+
+from gateway.errors import GatewayError, error_body
+
+log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -22,6 +26,10 @@ SSE_HEADERS: Headers = [
     # Tells nginx-style proxies in front of us not to buffer the stream.
     (b"x-accel-buffering", b"no"),
 ]
+# On every error: never cached by a proxy, never sniffed into something else by a browser.
+ERROR_HEADERS: Headers = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+# If even building an error fails, this is what leaves.
+LAST_RESORT = error_body("The gateway failed to handle this request.", "server_error")
 
 
 class ClientDisconnected(Exception):
@@ -35,14 +43,48 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+def header_count(scope: Scope, name: bytes) -> int:
+    return sum(1 for key, _ in scope["headers"] if key == name)
+
+
+def payload_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"The request body is larger than the gateway's limit of {limit} bytes.",
+        code="request_too_large",
+        headers=[(b"connection", b"close")],
+    )
+
+
+def body_timed_out(seconds: float) -> GatewayError:
+    return GatewayError(
+        408,
+        f"The request body did not arrive within {seconds:g} seconds.",
+        code="request_timeout",
+        headers=[(b"connection", b"close")],
+    )
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int, time_limit: float) -> bytes:
+    """The whole body, refused at `limit` bytes before more is read, and within `time_limit`.
+
+    A declared Content-Length over the limit is refused before a byte is read; a chunked body
+    is refused as soon as it passes the limit; a body that stops arriving (a Content-Length
+    that lies) is answered 408 after `time_limit` seconds. The ASGI server stops reading when
+    we stop receiving, so memory stays flat whatever the client sends (uvicorn's flow control).
+    """
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise payload_too_large(limit)
     chunks: list[bytes] = []
     size = 0
+    deadline = asyncio.get_running_loop().time() + time_limit
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise body_timed_out(time_limit) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk = message.get("body", b"")
@@ -55,21 +97,26 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 
 class Responder:
-    """Wraps `send` so error handling knows whether a response has already started."""
+    """Wraps `send`: every response carries the request id, and error handling knows whether a
+    response has started (and so whether an error can still be a status code)."""
 
-    __slots__ = ("_send", "started", "status")
+    __slots__ = ("_send", "finished", "request_id", "started", "status")
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, request_id: str) -> None:
         self._send = send
+        self.request_id = request_id
         self.started = False
+        self.finished = False
         self.status = 0
 
     async def start(self, status: int, headers: Headers) -> None:
         self.started = True
         self.status = status
+        headers = [*headers, (b"x-request-id", self.request_id.encode())]
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, data: bytes, more: bool = False) -> None:
+        self.finished = not more
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def complete(self, status: int, data: bytes, headers: Headers) -> None:
@@ -77,8 +124,35 @@ class Responder:
         await self.body(data)
 
     async def json(self, status: int, payload: Any, headers: Headers | None = None) -> None:
-        body = json.dumps(payload, ensure_ascii=False).encode()
-        await self.complete(status, body, headers or [])
+        await self.complete(status, orjson.dumps(payload), headers or [])
 
     async def error(self, exc: GatewayError, headers: Headers | None = None) -> None:
-        await self.complete(exc.status, exc.body(), [*exc.headers, *(headers or [])])
+        await self.complete(
+            exc.status, exc.body(), [*ERROR_HEADERS, *exc.headers, *(headers or [])]
+        )
+
+    async def fail(self, exc: GatewayError) -> None:
+        """Answer `exc` however far the response got; never raises (the last line of defence)."""
+        try:
+            if not self.started:
+                await self.error(exc)
+            elif not self.finished:
+                # Headers are gone: end the stream with an error event, as SGLang does.
+                await self.body(b"data: " + exc.body() + b"\n\n")
+        except Exception:
+            log.exception("could not send the error response for %s", self.request_id)
+            if not self.started:
+                await self._last_resort()
+
+    async def _last_resort(self) -> None:
+        try:
+            await self._send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [*JSON_HEADERS, *ERROR_HEADERS],
+                }
+            )
+            await self._send({"type": "http.response.body", "body": LAST_RESORT})
+        except Exception:
+            log.exception("the ASGI server refused even the last-resort error response")

@@ -124,6 +124,8 @@ class ModelInfo:
     context_length: int
     korean_factor: float | None
     request_timeout: float
+    lora_adapters: tuple[str, ...] = ()
+    accepts_media: bool = False
 
 
 class ModelCatalog:
@@ -188,6 +190,8 @@ class ModelCatalog:
             context_length=row["context_length"],
             korean_factor=row["korean_factor"],
             request_timeout=row["request_timeout_seconds"],
+            lora_adapters=tuple(str(a) for a in row["lora_adapters"] or ()),
+            accepts_media=row["accepts_media"],
         )
 
 
@@ -202,5 +206,7 @@ def _load_models() -> list[dict[str, Any]]:
         "context_length",
         "korean_factor",
         "request_timeout_seconds",
+        "lora_adapters",
+        "accepts_media",
     )
     return list(ServedModel.objects.filter(is_active=True).values(*fields))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 
 class GatewayError(Exception):
     """Raised anywhere on the request path; turned into one JSON error response."""
@@ -31,9 +33,33 @@ class GatewayError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+# Messages quote client values (a model name, a parameter): long ones are cut.
+MAX_MESSAGE_CHARS = 2000
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> bytes:
-    payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return json.dumps(payload, ensure_ascii=False).encode()
+    payload = {
+        "error": {
+            "message": _printable(message)[:MAX_MESSAGE_CHARS],
+            "type": _printable(type_),
+            "param": _printable(param) if param is not None else None,
+            "code": _code(code),
+        }
+    }
+    return orjson.dumps(payload)
+
+
+def _code(code: Any) -> int | str | None:
+    if isinstance(code, int) and not isinstance(code, bool) and abs(code) < 2**53:
+        return code
+    if isinstance(code, str) and code:
+        return _printable(code)[:100]
+    return None
+
+
+def _printable(text: str) -> str:
+    # Lone surrogates cannot be encoded as UTF-8 (the body would fail to build): replace them.
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> GatewayError:

@@ -1,79 +1,155 @@
-"""`GET /health`: the state of the gateway, the upstream, the database and Redis."""
+"""Health: an anonymous liveness answer, and a readiness report for operators.
+
+`GET|HEAD /health` says only that this process answers: no database, no Redis, no upstream, no
+version, nothing a stranger could use, and nothing that costs (load balancers call it often).
+`GET /health/ready` checks the database, Redis and every upstream and says why not ready. It is
+for staff sessions and monitoring (gateway/monitoring.py), computed at most once a second
+whoever asks, over pooled connections: its own Redis client and its own database thread, so a
+hung database never takes the threads that look up API keys.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from django.conf import settings
-from django.db import connection
+from django.db import close_old_connections, connection
 
-from gateway.caches import run_db
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.caches import ModelCatalog, ModelInfo
+from gateway.ledger import LedgerWriter
+from gateway.upstream import Upstream
 
 CHECK_TIMEOUT = 2.0
+REPORT_TTL = 1.0
 LEDGER_BACKLOG_WARNING = 10_000
+LIVE = {"status": "ok"}
+
+_health_db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-db")
 
 
-async def report(gateway: Gateway) -> dict[str, Any]:
-    database, redis_state = await asyncio.gather(_database(), report_redis())
-    try:
-        models = await asyncio.wait_for(gateway.catalog.models(), CHECK_TIMEOUT)
-    except Exception:
-        models = gateway.catalog.snapshot()
-    upstreams = sorted({m.upstream_url for m in models} or {settings.SGLANG_URL})
-    upstream_states = await asyncio.gather(*(_upstream(gateway, url) for url in upstreams))
-    warnings = []
-    if redis_state.get("ledger_stream_backlog", 0) > LEDGER_BACKLOG_WARNING:
-        warnings.append(
-            f"{redis_state['ledger_stream_backlog']} usage events wait in the ledger stream: "
-            "are Celery workers (`celery -A limiter_site worker`) and the database up?"
+@dataclass
+class Readiness:
+    catalog: ModelCatalog
+    upstream: Upstream
+    ledger: LedgerWriter
+    in_flight: Callable[[], int]
+    token_counter: Callable[[ModelInfo], str]
+
+    def __post_init__(self) -> None:
+        self._report: dict[str, Any] | None = None
+        self._expires = 0.0
+        self._pending: asyncio.Future[dict[str, Any]] | None = None
+        self._redis: Any = None
+        self._redis_loop: asyncio.AbstractEventLoop | None = None
+
+    async def report(self) -> dict[str, Any]:
+        """The last report if under a second old, else one new one shared by every caller."""
+        if self._report is not None and time.monotonic() < self._expires:
+            return self._report
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.ensure_future(self._build())
+        report = await asyncio.shield(self._pending)
+        self._report, self._expires = report, time.monotonic() + REPORT_TTL
+        return report
+
+    async def _build(self) -> dict[str, Any]:
+        database, redis_state = await asyncio.gather(_timed(_ping_database), self.redis_state())
+        try:
+            models = await asyncio.wait_for(self.catalog.models(), CHECK_TIMEOUT)
+        except Exception:
+            models = self.catalog.snapshot()
+        urls = sorted({m.upstream_url for m in models} or {settings.SGLANG_URL})
+        upstreams = await asyncio.gather(*(self._upstream(url) for url in urls))
+        # One model's GPU being down must not pull the whole gateway out of a load balancer: it
+        # serves while its own dependencies are up and at least one upstream answers.
+        serving = (
+            database["ok"] and redis_state["ok"] is not False and any(u["ok"] for u in upstreams)
         )
-    if gateway.ledger.pending > LEDGER_BACKLOG_WARNING:
-        warnings.append(f"{gateway.ledger.pending} usage events wait in this gateway's queue")
-    if not models:
-        warnings.append("no served models configured: run `manage.py import_config config/*.yaml`")
-    # One model's GPU being down must not pull the whole gateway out of a load balancer: it
-    # serves while its own dependencies are up and at least one upstream answers.
-    serving = (
-        database["ok"] and redis_state["ok"] is not False and any(u["ok"] for u in upstream_states)
-    )
-    if not serving:
-        status = "unavailable"
-    elif all(u["ok"] for u in upstream_states) and models:
-        status = "ok"
-    else:
-        status = "degraded"
-    return {
-        "status": status,
-        "gateway": {
-            "in_flight": gateway.stats.in_flight,
-            "ledger_pending": gateway.ledger.pending,
-            "ledger_dropped": gateway.ledger.dropped,
-        },
-        "upstreams": upstream_states,
-        "database": database,
-        "redis": redis_state,
-        "models": [
-            {
-                "name": m.name,
-                "aliases": list(m.aliases),
-                "token_counter": gateway.counters.source(m),
-            }
-            for m in models
-        ],
-        "warnings": warnings,
-    }
+        if not serving:
+            status = "unavailable"
+        elif all(u["ok"] for u in upstreams) and models:
+            status = "ok"
+        else:
+            status = "degraded"
+        return {
+            "status": status,
+            "gateway": {
+                "in_flight": self.in_flight(),
+                "ledger_pending": self.ledger.pending,
+                "ledger_dropped": self.ledger.dropped,
+            },
+            "upstreams": upstreams,
+            "database": {"vendor": connection.vendor, **database},
+            "redis": redis_state,
+            "models": [
+                {"name": m.name, "aliases": list(m.aliases), "token_counter": self.token_counter(m)}
+                for m in models
+            ],
+            "warnings": self._warnings(redis_state, models),
+        }
+
+    def _warnings(self, redis_state: dict[str, Any], models: tuple[ModelInfo, ...]) -> list[str]:
+        warnings = []
+        if redis_state.get("ledger_stream_backlog", 0) > LEDGER_BACKLOG_WARNING:
+            warnings.append(
+                f"{redis_state['ledger_stream_backlog']} usage events wait in the ledger stream: "
+                "are Celery workers (`celery -A limiter_site worker`) and the database up?"
+            )
+        if self.ledger.pending > LEDGER_BACKLOG_WARNING:
+            warnings.append(f"{self.ledger.pending} usage events wait in this gateway's queue")
+        if not models:
+            warnings.append(
+                "no served models configured: run `manage.py import_config config/*.yaml`"
+            )
+        return warnings
+
+    async def redis_state(self) -> dict[str, Any]:
+        if not settings.REDIS_URL:
+            return {"ok": None, "mode": "embedded (REDIS_URL not set)"}
+        client = self._redis_client()
+
+        async def backlog() -> dict[str, Any]:
+            # Usage events appended by gateways and not yet written by a Celery worker.
+            return {"ledger_stream_backlog": int(await client.xlen(settings.LEDGER_STREAM))}
+
+        return await _timed(backlog)
+
+    def _redis_client(self) -> Any:
+        import redis.asyncio as aioredis
+
+        loop = asyncio.get_running_loop()
+        if self._redis is None or self._redis_loop is not loop:
+            # One small pool for this process's health checks, reused: not a connection a call.
+            self._redis = aioredis.Redis.from_url(
+                settings.REDIS_URL,
+                socket_timeout=CHECK_TIMEOUT,
+                socket_connect_timeout=CHECK_TIMEOUT,
+                max_connections=2,
+            )
+            self._redis_loop = loop
+        return self._redis
+
+    async def _upstream(self, url: str) -> dict[str, Any]:
+        async def get() -> dict[str, Any]:
+            timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT)
+            async with self.upstream.session().get(f"{url}/health", timeout=timeout) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}")
+                return {}
+
+        return {"url": url, **(await _timed(get))}
 
 
-async def _timed(check: Any) -> dict[str, Any]:
+async def _timed(check: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
     started = time.perf_counter()
     try:
-        detail = await asyncio.wait_for(check, CHECK_TIMEOUT)
+        detail = await asyncio.wait_for(check(), CHECK_TIMEOUT)
     except Exception as exc:
         return {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"[:300]}
     result = {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
@@ -82,38 +158,10 @@ async def _timed(check: Any) -> dict[str, Any]:
     return result
 
 
-async def _database() -> dict[str, Any]:
+async def _ping_database() -> None:
     def ping() -> None:
+        close_old_connections()
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
 
-    state = await _timed(run_db(ping))
-    return {"vendor": connection.vendor, **state}
-
-
-async def report_redis() -> dict[str, Any]:
-    if not settings.REDIS_URL:
-        return {"ok": None, "mode": "embedded (REDIS_URL not set)"}
-    import redis.asyncio as aioredis
-
-    async def ping() -> dict[str, Any]:
-        client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=CHECK_TIMEOUT)
-        try:
-            await client.ping()
-            # Usage events appended by gateways and not yet written by a Celery worker.
-            return {"ledger_stream_backlog": int(await client.xlen(settings.LEDGER_STREAM))}
-        finally:
-            await client.aclose()
-
-    return await _timed(ping())
-
-
-async def _upstream(gateway: Gateway, url: str) -> dict[str, Any]:
-    async def get() -> dict[str, Any]:
-        timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT)
-        async with gateway.upstream.session().get(f"{url}/health", timeout=timeout) as response:
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}")
-            return {}
-
-    return {"url": url, **(await _timed(get()))}
+    await asyncio.get_running_loop().run_in_executor(_health_db, ping)

@@ -34,6 +34,7 @@ from quotas.limiter import (
 from quotas.services import KeyGrant
 
 log = logging.getLogger(__name__)
+MAX_RESERVATION = 2**48
 
 WINDOW_NAMES = {
     REQUESTS: "requests per min (RPM)",
@@ -76,6 +77,9 @@ class Limits:
         """The decision (None when Redis is down and the policy is `open`); raises a 429/503."""
         scopes = self.scopes(grant)
         now = self.clock()
+        # Lua numbers are doubles and HINCRBY takes 64-bit integers: no reservation may near
+        # either edge (requests are bounded far below this; this only guards the invariant).
+        tokens = min(max(tokens, 0), MAX_RESERVATION)
         try:
             with metrics.LIMITER_SECONDS.time():
                 decision = await self.backend.admit(

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import re
+
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def validate_adapter_names(names: object) -> None:
+    if not isinstance(names, list) or not all(
+        isinstance(name, str) and ADAPTER_NAME.fullmatch(name) for name in names
+    ):
+        raise ValidationError(
+            gettext('Enter a list of adapter names (letters, digits, ".", "_", "-").')
+        )
 
 
 class ServedModel(models.Model):
@@ -39,6 +54,25 @@ class ServedModel(models.Model):
     # The original design's Hangul-weight override for the estimator; null = calibrated factors.
     korean_factor = models.FloatField(_("Korean factor"), null=True, blank=True)
     request_timeout_seconds = models.FloatField(_("request timeout (s)"), default=300.0)
+    lora_adapters = models.JSONField(
+        _("LoRA adapters"),
+        default=list,
+        blank=True,
+        validators=[validate_adapter_names],
+        help_text=_(
+            'Adapter names the server has loaded (--lora-paths name=path), e.g. ["legal-ko"]. '
+            'Clients ask for one as "model:adapter" or with lora_path; plans allow them.'
+        ),
+    )
+    accepts_media = models.BooleanField(
+        _("accepts images, video and audio"),
+        default=False,
+        help_text=_(
+            "Forward image_url, video_url and audio_url content parts. The model server fetches "
+            "http(s) URLs itself: only enable it for multimodal models on a host that cannot "
+            "reach internal addresses."
+        ),
+    )
     is_active = models.BooleanField(_("active"), default=True)
     description = models.TextField(_("description"), blank=True)
 

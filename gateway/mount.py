@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,13 +12,14 @@ from django.core.exceptions import ImproperlyConfigured
 from gateway.asgi_io import Receive, Scope, Send
 
 ASGIApp = Callable[..., Awaitable[Any]]
-GATEWAY_PREFIXES = ("/v1/", "/health", "/metrics")
+# The API's paths and their odd spellings (`//v1/…`, `/V1/…`, `/v1`): the gateway answers them
+# all, unknown ones with a JSON 404, so an API client never gets Django's HTML page.
+GATEWAY_PATHS = re.compile(r"/+(?:v1|health|metrics)(?:/|$)", re.IGNORECASE)
 
 
 def mount_gateway(gateway: ASGIApp, django_app: ASGIApp) -> ASGIApp:
     async def route(scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
-        if path.startswith(GATEWAY_PREFIXES):
+        if GATEWAY_PATHS.match(scope["path"]):
             await gateway(scope, receive, send)
         else:
             await django_app(scope, receive, send)

@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 
@@ -31,9 +30,6 @@ from quotas.services import KeyGrant
 
 log = logging.getLogger(__name__)
 
-CHAT = "chat/completions"
-COMPLETIONS = "completions"
-
 
 @dataclass(slots=True)
 class Call:
@@ -41,10 +37,9 @@ class Call:
     grant: KeyGrant
     model: ModelInfo
     endpoint: str
-    body: dict[str, Any]
+    upstream_body: bytes  # rebuilt from checked fields (gateway/preparation.py)
     streamed: bool
     client_wants_usage: bool
-    raw_body: bytes = b""
     started_at: float = field(default_factory=time.time)
     started_perf: float = field(default_factory=time.perf_counter)
     prompt_count: int = 0
@@ -61,26 +56,6 @@ class Call:
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started_perf) * 1000.0
-
-
-def prepare_upstream_body(call: Call) -> bytes:
-    """The client's body with the served model name, and usage always requested in streams.
-
-    When neither changes anything, the client's bytes go upstream as they came: no second
-    serialisation of a large prompt."""
-    body = call.body
-    options = body.get("stream_options")
-    usage_requested = isinstance(options, dict) and options.get("include_usage") is True
-    if (
-        call.raw_body
-        and body.get("model") == call.model.name
-        and (not call.streamed or usage_requested)
-    ):
-        return call.raw_body
-    body["model"] = call.model.name
-    if call.streamed:
-        body["stream_options"] = {**(options or {}), "include_usage": True}
-    return json.dumps(body, ensure_ascii=False).encode()
 
 
 class Proxy:
@@ -113,12 +88,11 @@ class Proxy:
 
     async def _relay(self, call: Call, out: Responder, headers: Headers) -> None:
         url = f"{call.model.upstream_url}/v1/{call.endpoint}"
-        payload = prepare_upstream_body(call)
         session = self.upstream.session()
         try:
             async with session.post(
                 url,
-                data=payload,
+                data=call.upstream_body,
                 headers={"Content-Type": "application/json", "X-Request-Id": call.request_id},
                 timeout=timeouts(call.model.request_timeout, call.streamed),
             ) as response:

@@ -7,7 +7,9 @@ the process at start-up with the variable's name rather than surfacing later as 
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -70,6 +72,21 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+def env_networks(name: str) -> tuple[str, ...]:
+    """Comma-separated addresses or CIDR networks, checked now rather than on first use."""
+    items = tuple(env_list(name))
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}: {item!r} is not an address or network") from None
+    return items
+
+
 def database_from_url(url: str) -> dict[str, Any]:
     """`sqlite:///path` or `postgres://user:pw@host:port/name?opt=v` → DATABASES entry."""
     parts = urlsplit(url)
@@ -109,8 +126,39 @@ DEBUG = env_bool("DEBUG", False)
 # The development default is refused by accounts.checks when DEBUG is off.
 DEVELOPMENT_SECRET_KEY = "dev-only-insecure-secret-key-change-me"
 SECRET_KEY = env_str("SECRET_KEY", DEVELOPMENT_SECRET_KEY)
-ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "*").split(",") if h]
-CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+# Never "*" by default: in development this machine's names, in production the operator's own
+# (accounts.checks refuses to start without them). The API ignores Host; the admin, the pages and
+# the websocket's origin check (telemetry/routing.py) do not.
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]" if DEBUG else "")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+# Behind a TLS-terminating proxy, HTTPS=1 switches on what `manage.py check --deploy` asks for;
+# each part can be turned down on its own (README, "Settings").
+HTTPS = env_bool("HTTPS", False)
+if HTTPS:
+    # The proxy tells us the client's scheme; it must set (not pass through) this header.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
+X_FRAME_OPTIONS = "DENY"
+
+# Login throttling (django-axes) for the admin and every login page: after LOGIN_FAILURE_LIMIT
+# wrong passwords for one username from one address, that pair is locked out for
+# LOGIN_LOCKOUT_MINUTES (a correct password included). Client addresses are the ASGI server's:
+# behind a proxy, uvicorn's --forwarded-allow-ips makes them the real ones.
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "accounts/lockout.html"
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 
 INSTALLED_APPS = [
     "daphne",
@@ -120,6 +168,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
     "rest_framework",
     "channels",
     "accounts",
@@ -137,6 +186,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes requires: it turns a locked-out login into its lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "limiter_site.urls"
@@ -230,6 +281,18 @@ REST_FRAMEWORK = {
 # Where SGLang (or the bundled simulator) listens; a model may name its own upstream in the admin.
 SGLANG_URL = env_str("SGLANG_URL", "http://127.0.0.1:8000").rstrip("/")
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
+# A body that stops arriving (a Content-Length that lies, a stalled upload) is answered 408.
+GATEWAY_BODY_TIMEOUT_SECONDS = env_float("GATEWAY_BODY_TIMEOUT_SECONDS", 15.0, minimum=0.1)
+# The most one chat template render may take on a request's messages (quotas/chat_templates.py):
+# real templates take about 40 µs a message, so 2 s is 50,000 messages.
+GATEWAY_TEMPLATE_BUDGET_SECONDS = env_float("GATEWAY_TEMPLATE_BUDGET_SECONDS", 2.0, minimum=0.05)
+# Upper bound for `n` (choices per request): each one is generated and reserved separately.
+GATEWAY_MAX_CHOICES = env_int("GATEWAY_MAX_CHOICES", 8, minimum=1)
+# /metrics and /health/ready: a bearer token and/or client addresses (CIDR) allowed to read them.
+GATEWAY_MONITORING_TOKEN = env_str("GATEWAY_MONITORING_TOKEN", "")
+if GATEWAY_MONITORING_TOKEN and len(GATEWAY_MONITORING_TOKEN) < 24:
+    raise ImproperlyConfigured("GATEWAY_MONITORING_TOKEN must be at least 24 characters long")
+GATEWAY_MONITORING_ALLOWED_IPS = env_networks("GATEWAY_MONITORING_ALLOWED_IPS")
 # A revoked key must stop working within 5 s, so cached key lookups live at most this long.
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 4.0)
 if GATEWAY_KEY_CACHE_SECONDS > 5:

@@ -21,8 +21,23 @@ from quotas.models import LIMIT_FIELDS, Plan, UsageRecord, UserQuota
 
 @admin.register(Plan)
 class PlanAdmin(admin.ModelAdmin):
-    list_display = ("name", *LIMIT_FIELDS, "allowed_models")
+    list_display = ("name", *LIMIT_FIELDS, "allowed_models", "extra_request_fields", "priority")
     search_fields = ("name",)
+    fieldsets = (
+        (None, {"fields": ("name", "description")}),
+        (_("Limits"), {"fields": LIMIT_FIELDS}),
+        (
+            _("What clients may ask for"),
+            {
+                "fields": (
+                    "allowed_models",
+                    "extra_request_fields",
+                    "priority",
+                    "isolate_prefix_cache",
+                )
+            },
+        ),
+    )
 
 
 class UserQuotaInline(admin.StackedInline):

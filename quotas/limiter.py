@@ -166,20 +166,42 @@ def merge_states(states: list[WindowState]) -> WindowState:
     return merged
 
 
-def reservation_for(
-    prompt_tokens: int, body: dict[str, object], context_length: int, cap: int
-) -> int:
-    """Prompt + the most the request may generate.
+# SGLang's max_tokens when a /v1/completions request sets none (CompletionRequest.max_tokens).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
-    Without max_tokens (or, for chat, max_completion_tokens) the request may generate up to the
-    model's remaining context; the reservation is capped at `cap` (LIMITER_DEFAULT_MAX_TOKENS)
-    so that one such request does not lock a small plan out, and any overrun is charged at
-    settlement.
+
+@dataclass(frozen=True, slots=True)
+class CompletionBudget:
+    """What admission reserves for one request: all the upstream may bill for it."""
+
+    per_choice: int  # the most one choice may generate
+    forced_max: int | None  # the max_tokens the gateway sends when the client set none
+    reserved: int  # prompt + choices × per_choice
+
+
+def completion_budget(
+    prompt_tokens: int,
+    *,
+    choices: int,
+    max_tokens: int | None,
+    min_tokens: int,
+    context_length: int,
+    default_max: int,
+) -> CompletionBudget:
+    """Reserve exactly what can be generated, so that admission can never be outrun.
+
+    SGLang bills the prompt once and each choice's completion (n choices, and each prompt of a
+    completions batch, generate separately: openai/usage_processor.py), generates at most
+    max_tokens per choice (max_completion_tokens first; the caller resolves that), and refuses
+    a request whose prompt plus max_tokens reaches the context length. A request without a
+    maximum is given one: `default_max` (LIMITER_DEFAULT_MAX_TOKENS for chat, SGLang's 16 for
+    completions), raised to min_tokens, within the context; the gateway sends it upstream, so
+    what was reserved is what may be generated, whatever the upstream's own default.
     """
-    explicit = [
-        v
-        for v in (body.get("max_tokens"), body.get("max_completion_tokens"))
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0
-    ]
-    completion = min(explicit) if explicit else min(max(context_length - prompt_tokens, 0), cap)
-    return prompt_tokens + completion
+    room = max(context_length - prompt_tokens, 0)
+    if max_tokens is not None:
+        per_choice, forced = min(max_tokens, room), None
+    else:
+        per_choice = min(max(default_max, min_tokens), max(room - 1, 0))
+        forced = per_choice if per_choice > 0 else None
+    return CompletionBudget(per_choice, forced, prompt_tokens + choices * per_choice)

@@ -8,6 +8,8 @@ from django.conf import settings
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
+from quotas.request_policy import validate_extra_fields
+
 LIMIT_FIELDS = (
     "requests_per_minute",
     "tokens_per_minute",
@@ -45,7 +47,38 @@ class Plan(models.Model):
         _("allowed models"),
         default=list,
         blank=True,
-        help_text=_("Model names or aliases this plan may use; empty allows every model."),
+        help_text=_(
+            "Model names or aliases this plan may use; empty allows every model and adapter. "
+            'A LoRA adapter is allowed by "model:adapter", all of a model\'s by "model:*".'
+        ),
+    )
+    extra_request_fields = models.JSONField(
+        _("extra request fields"),
+        default=list,
+        blank=True,
+        validators=[validate_extra_fields],
+        help_text=_(
+            "SGLang request fields this plan's clients may send beyond the standard ones, "
+            'e.g. ["ignore_eos", "return_hidden_states"]. Fields the gateway sets itself '
+            "(rid, priority, cache_salt, input_ids, custom_logit_processor, …) cannot be added."
+        ),
+    )
+    priority = models.IntegerField(
+        _("priority"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "Sent upstream as SGLang's request priority (the server needs "
+            "--enable-priority-scheduling); blank sends none."
+        ),
+    )
+    isolate_prefix_cache = models.BooleanField(
+        _("isolate prefix cache"),
+        default=False,
+        help_text=_(
+            "Send a per-user cache_salt so that one user's prompts never hit prefix-cache "
+            "entries made by another. Costs the hits users would share (a common system prompt)."
+        ),
     )
 
     class Meta:

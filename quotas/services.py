@@ -7,14 +7,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import connection, transaction
 
 from accounts.models import ApiKey
 from accounts.services import KEY_LIMIT_FIELDS
 from quotas.models import LIMIT_FIELDS, Limits, Plan, UsageRecord, UserQuota
+from quotas.request_policy import RequestAccess, user_cache_salt
 
 DEFAULT_PLAN_NAME = "default"
+NO_EXTRAS = RequestAccess()
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,7 @@ class KeyGrant:
     key_limits: Limits | None  # the key's own tighter limits, if it has any
     expires_at: float | None  # epoch seconds: compared on every request, so no datetime maths
     revoked: bool
+    access: RequestAccess = NO_EXTRAS
 
     def is_usable_now(self) -> bool:
         return not self.revoked and (self.expires_at is None or self.expires_at > time.time())
@@ -74,7 +78,8 @@ def load_key_grant(key_hash: str) -> KeyGrant | None:
     if key is None:
         return None
     quota = getattr(key.user, "quota", None)
-    limits = quota.effective_limits() if quota is not None else _plan_limits(default_plan())
+    plan = quota.plan if quota is not None else default_plan()
+    limits = quota.effective_limits() if quota is not None else _plan_limits(plan)
     return KeyGrant(
         key_id=key.pk,
         user_id=key.user_id,
@@ -83,6 +88,16 @@ def load_key_grant(key_hash: str) -> KeyGrant | None:
         key_limits=_key_limits(key, limits),
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
         revoked=key.revoked_at is not None or not key.user.is_active,
+        access=plan_access(plan, key.user_id),
+    )
+
+
+def plan_access(plan: Plan, user_id: int) -> RequestAccess:
+    salt = user_cache_salt(settings.SECRET_KEY, user_id) if plan.isolate_prefix_cache else None
+    return RequestAccess(
+        extra_fields=frozenset(plan.extra_request_fields or ()),
+        priority=plan.priority,
+        cache_salt=salt,
     )
 
 

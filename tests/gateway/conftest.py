@@ -1,4 +1,4 @@
-"""A running world for end-to-end tests: SGLang simulators and a Daphne gateway as processes.
+"""A running world for end-to-end tests: SGLang simulators and a uvicorn gateway as processes.
 
 Data is created once per module and committed (the gateway process reads it through its own
 database connection), then removed at the end.
@@ -38,6 +38,7 @@ class World:
     slow_upstream: str
     dead_upstream: str
     db_blocker: Any
+    gateway_pid: int = 0
     cleanup: list[Callable[[], None]] = field(default_factory=list)
 
     @property
@@ -62,12 +63,27 @@ class World:
         raise AssertionError(f"no ledger row for {request_id} after {timeout}s")
 
 
-def make_user(username: str, **overrides: Any) -> tuple[Any, str]:
+MONITORING_TOKEN = "test-monitoring-token-0123456789abcdef"
+# The simulator's test hooks travel in the body as `sim` (gateway/simulator.py): a field the
+# gateway refuses unless a plan enables it, as an operator would enable any extra field.
+HOOKS_PLAN = "simulator-hooks"
+
+
+def hooks_plan() -> Any:
+    from quotas.models import Plan
+
+    plan, _ = Plan.objects.get_or_create(
+        name=HOOKS_PLAN, defaults={"extra_request_fields": ["sim"]}
+    )
+    return plan
+
+
+def make_user(username: str, plan: Any = None, **overrides: Any) -> tuple[Any, str]:
     from accounts.services import create_api_key, get_or_create_user
     from quotas.services import default_plan, set_user_quota
 
     user, _ = get_or_create_user(username)
-    set_user_quota(user, default_plan(), **overrides)
+    set_user_quota(user, plan or default_plan(), **overrides)
     _, raw = create_api_key(user, name=f"{username} test key")
     return user, raw
 
@@ -76,7 +92,8 @@ def make_models(fast: str, slow: str, dead: str) -> None:
     from gateway.models import ServedModel
 
     ServedModel.objects.update_or_create(
-        name=FAST_MODEL, defaults={"aliases": ["korean-qwen"], "upstream_url": fast}
+        name=FAST_MODEL,
+        defaults={"aliases": ["korean-qwen"], "upstream_url": fast, "lora_adapters": ["legal-ko"]},
     )
     ServedModel.objects.update_or_create(
         name=SLOW_MODEL, defaults={"aliases": ["slow-qwen"], "upstream_url": slow}
@@ -94,11 +111,12 @@ def remove_world_data(usernames: list[str]) -> None:
     from django.contrib.auth.models import User
 
     from gateway.models import ServedModel
-    from quotas.models import UsageRecord
+    from quotas.models import Plan, UsageRecord
 
     users = User.objects.filter(username__in=usernames)
     UsageRecord.objects.filter(user__in=users).delete()
     users.delete()
+    Plan.objects.filter(name=HOOKS_PLAN, quotas__isnull=True).delete()
     ServedModel.objects.filter(
         name__in=[FAST_MODEL, SLOW_MODEL, "dead-model", "impatient-model"]
     ).delete()
@@ -113,31 +131,26 @@ def world(django_db_setup: None, django_db_blocker: Any) -> Iterator[World]:
         dead = f"http://127.0.0.1:{free_port()}"
         with django_db_blocker.unblock():
             make_models(fast, slow, dead)
+            plan = hooks_plan()
             keys = {
-                "dev": make_user("한국어개발자")[1],
-                "user1": make_user("사용자1")[1],
-                "restricted": make_user("restricted", allowed_models=["korean-qwen"])[1],
+                "dev": make_user("한국어개발자", plan)[1],
+                "user1": make_user("사용자1", plan)[1],
+                "restricted": make_user("restricted", plan, allowed_models=["korean-qwen"])[1],
             }
             database_url = database_url_for_subprocess()
         stack.enter_context(ledger_worker({"DATABASE_URL": database_url}))
         port = free_port()
-        stack.enter_context(
+        gateway = stack.enter_context(
             running(
-                [
-                    "-m",
-                    "daphne",
-                    "-b",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    "limiter_site.asgi:application",
-                ],
+                gateway_args(port),
                 f"http://127.0.0.1:{port}/health",
                 env={
                     "DATABASE_URL": database_url,
                     "SGLANG_URL": fast,
                     "GATEWAY_MAX_BODY_BYTES": str(256 * 1024),
                     "GATEWAY_LEDGER_FLUSH_SECONDS": "0.1",
+                    "GATEWAY_MONITORING_TOKEN": MONITORING_TOKEN,
+                    "GATEWAY_BODY_TIMEOUT_SECONDS": "2",
                 },
             )
         )
@@ -148,6 +161,13 @@ def world(django_db_setup: None, django_db_blocker: Any) -> Iterator[World]:
             slow_upstream=slow,
             dead_upstream=dead,
             db_blocker=django_db_blocker,
+            gateway_pid=gateway.pid,
         )
     with django_db_blocker.unblock():
         remove_world_data(usernames)
+
+
+def gateway_args(port: int) -> list[str]:
+    """The gateway as the README serves it: uvicorn, which stops reading a body at our limit."""
+    return ["-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--lifespan", "on",
+            "--no-access-log", "limiter_site.asgi:application"]  # fmt: skip

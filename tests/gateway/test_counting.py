@@ -1,54 +1,89 @@
-"""Prompt counting on the request path: short prompts inline, long ones off the event loop."""
+"""A request's CPU work happens off the event loop, and a long prompt does not hold the loop."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
-from gateway import counting
 from gateway.caches import ModelInfo
-from gateway.counting import INLINE_COUNT_MAX_BYTES, Counters
+from gateway.counting import BULK_BYTES, Counters
+from gateway.preparation import UpstreamTarget, prepare
+from gateway.request_schema import CHAT, Context
+from quotas.request_policy import RequestAccess
 from quotas.tokens import get_counter
 
 MODEL = ModelInfo(
     name="Qwen/Qwen2.5-7B-Instruct", aliases=(), upstream_url="http://x", tokenizer="",
     context_length=32768, korean_factor=None, request_timeout=30.0,
 )  # fmt: skip
+TARGET = UpstreamTarget(MODEL.name, None, "r", RequestAccess())
 
 
-def count_in_thread(monkeypatch: pytest.MonkeyPatch, text: str) -> tuple[int, str]:
+def prepared_on(text: str) -> tuple[int, str]:
+    body = {"model": MODEL.name, "messages": [{"role": "user", "content": text}]}
     seen: list[str] = []
-    real = counting._count
 
-    def spy(*args: object) -> int:
+    def spy(*args: object) -> object:
         seen.append(threading.current_thread().name)
-        return real(*args)
+        return prepare(*args)
 
-    monkeypatch.setattr(counting, "_count", spy)
-    body = {"messages": [{"role": "user", "content": text}]}
-    size = len(text.encode())
-    count = asyncio.run(Counters().count_prompt(MODEL, "chat/completions", body, size))
-    return count, seen[0]
+    async def scenario() -> int:
+        counters = Counters()
+        counter = await counters.get(MODEL)
+        ctx = Context(vocab_size=counter.vocab_size)
+        size = len(text.encode())
+        result = await counters.run(size, spy, CHAT, body, ctx, counter, 32768, TARGET)
+        return result.prompt_tokens
+
+    return asyncio.run(scenario()), seen[0]
 
 
-def test_a_short_prompt_is_counted_inline(monkeypatch: pytest.MonkeyPatch) -> None:
-    count, thread = count_in_thread(monkeypatch, "안녕하세요, 반갑습니다.")
-    assert thread == threading.main_thread().name
+def test_a_short_prompt_is_prepared_on_the_small_pool() -> None:
+    count, thread = prepared_on("안녕하세요, 반갑습니다.")
+    assert thread.startswith("prepare_")
     assert count == get_counter(MODEL.name).count_chat(
         [{"role": "user", "content": "안녕하세요, 반갑습니다."}]
     )
 
 
-def test_a_30000_character_prompt_is_counted_off_the_event_loop(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    text = "서울의 가을 하늘은 높고 푸르다. " * 1700  # about 30,000 characters
-    assert len(text.encode()) > INLINE_COUNT_MAX_BYTES
-    count, thread = count_in_thread(monkeypatch, text)
-    assert thread.startswith("token-count")
+def test_a_long_prompt_is_prepared_on_the_bulk_pool() -> None:
+    text = "서울의 가을 하늘은 높고 푸르다. " * 3000  # about 54,000 characters
+    assert len(text.encode()) > BULK_BYTES
+    count, thread = prepared_on(text)
+    assert thread.startswith("prepare-bulk")
     assert count == get_counter(MODEL.name).count_chat([{"role": "user", "content": text}])
+
+
+def test_counting_a_huge_prompt_leaves_the_event_loop_running() -> None:
+    """Tokenizing releases the GIL: the loop ticks on while 750,000 characters are counted.
+    (Through the tokenizer's `encode` the loop stood still for the whole count.)"""
+    counter = get_counter(MODEL.name)
+    text = "한국어 문장입니다. 오늘은 날씨가 좋습니다. " * 30_000
+
+    async def scenario() -> tuple[float, float]:
+        lags: list[float] = []
+
+        async def ticker() -> None:
+            while True:
+                started = time.perf_counter()
+                await asyncio.sleep(0.001)
+                lags.append(time.perf_counter() - started)
+
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0.05)
+        lags.clear()
+        started = time.perf_counter()
+        await Counters().run(BULK_BYTES + 1, counter.count_text, text)
+        took = time.perf_counter() - started
+        task.cancel()
+        return max(lags), took
+
+    worst_lag, took = asyncio.run(scenario())
+    # Relative to the work itself, so a loaded machine scales both: held, the ratio is ~1.
+    assert worst_lag < 0.3 * took, (worst_lag, took)
 
 
 def test_the_tokenizer_loads_once_per_process() -> None:
@@ -56,9 +91,9 @@ def test_the_tokenizer_loads_once_per_process() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "off_loop"), [("짧은 답변입니다.", False), ("긴 답변. " * 3000, True)]
+    ("text", "pool"), [("짧은 답변입니다.", "prepare_"), ("긴 답변. " * 9000, "prepare-bulk")]
 )
-def test_generated_text_is_counted_like_prompts(text: str, off_loop: bool, monkeypatch) -> None:
+def test_generated_text_is_counted_like_prompts(text: str, pool: str, monkeypatch) -> None:
     counter = get_counter(MODEL.name)
     threads: list[str] = []
     real = counter.count_completion
@@ -69,4 +104,4 @@ def test_generated_text_is_counted_like_prompts(text: str, off_loop: bool, monke
 
     monkeypatch.setattr(counter, "count_completion", spy)
     assert asyncio.run(Counters().count_completion(MODEL, text)) == counter.count_text(text)
-    assert threads[0].startswith("token-count") is off_loop
+    assert threads[0].startswith(pool)

@@ -1,4 +1,4 @@
-"""End to end: the official `openai` SDK → Daphne running the gateway → the SGLang simulator.
+"""End to end: the official `openai` SDK → uvicorn running the gateway → the SGLang simulator.
 
 Every process is real (see conftest.py); only the GPU is simulated.
 """
@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -17,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from quotas.tokens import get_counter
-from tests.gateway.conftest import FAST_MODEL, World
+from tests.gateway.conftest import FAST_MODEL, MONITORING_TOKEN, World
 
 pytestmark = pytest.mark.slow
 
@@ -336,9 +337,19 @@ def test_client_disconnect_aborts_upstream_within_a_second_and_is_recorded(world
     assert row.prompt_tokens == get_counter(FAST_MODEL).count_chat(KOREAN_CHAT)
 
 
-def test_health_reports_every_part(world: World) -> None:
-    response = httpx.get(f"{world.url}/health")
-    report = response.json()
+def monitoring() -> dict[str, str]:
+    return {"Authorization": f"Bearer {MONITORING_TOKEN}"}
+
+
+def test_readiness_reports_every_part_to_monitoring(world: World) -> None:
+    deadline = time.monotonic() + 30
+    while True:  # the tokenizer loads in the background from the first catalog load
+        response = httpx.get(f"{world.url}/health/ready", headers=monitoring())
+        report = response.json()
+        loaded = all(m["token_counter"] != "loading" for m in report["models"])
+        if loaded or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert report["database"]["ok"] is True
     assert report["redis"]["ok"] is (True if os.environ.get("REDIS_URL") else None)
     by_url = {u["url"]: u["ok"] for u in report["upstreams"]}
@@ -347,47 +358,134 @@ def test_health_reports_every_part(world: World) -> None:
     assert response.status_code == 200 and report["status"] == "degraded"
     counters = {m["name"]: m["token_counter"] for m in report["models"]}
     assert counters[FAST_MODEL].startswith("tokenizer")
+    assert response.headers["cache-control"] == "no-store"
 
 
-def test_health_is_503_when_the_database_is_unreachable(tmp_path) -> None:
+def test_readiness_is_for_monitoring_and_staff_only(world: World) -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    anonymous = httpx.get(f"{world.url}/health/ready")
+    assert anonymous.status_code == 403 and anonymous.json()["error"]["code"] == (
+        "monitoring_forbidden"
+    )
+    wrong = httpx.get(f"{world.url}/health/ready", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 403
+    with world.db():
+        staff = User.objects.create_user("health-staff", password="x", is_staff=True)
+        plain = User.objects.create_user("health-plain", password="x")
+        cookies = {}
+        for user in (staff, plain):
+            client = Client()
+            client.force_login(user)
+            cookies[user.username] = client.cookies["sessionid"].value
+    try:
+        as_staff = httpx.get(
+            f"{world.url}/health/ready", cookies={"sessionid": cookies["health-staff"]}
+        )
+        assert as_staff.status_code == 200 and "upstreams" in as_staff.json()
+        as_plain = httpx.get(
+            f"{world.url}/health/ready", cookies={"sessionid": cookies["health-plain"]}
+        )
+        assert as_plain.status_code == 403
+    finally:
+        with world.db():
+            User.objects.filter(username__in=["health-staff", "health-plain"]).delete()
+
+
+def test_liveness_is_anonymous_cheap_and_says_nothing(world: World) -> None:
+    response = httpx.get(f"{world.url}/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.content == b'{"status":"ok"}'  # no URL, path, vendor or version
+    head = httpx.head(f"{world.url}/health")
+    assert head.status_code == 200 and head.content == b""
+
+
+def counting_listener() -> tuple[int, list[int], Any]:
+    """A TCP port that counts the connections made to it (and answers nothing)."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted = [0]
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted[0] += 1
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server.getsockname()[1], accepted, server
+
+
+def test_liveness_needs_neither_database_nor_redis_and_readiness_says_why(tmp_path) -> None:
+    """A gateway whose database is unreachable and whose Redis is a port that only counts
+    connections: 1,000 liveness answers open none (each used to open one and query the
+    database); readiness is 503 and names the database."""
+    from tests.gateway.conftest import gateway_args
     from tests.procs import free_port, running
 
+    redis_port, accepted, listener = counting_listener()
     port = free_port()
-    url = f"http://127.0.0.1:{port}/health"
+    url = f"http://127.0.0.1:{port}"
     env = {
         "DATABASE_URL": f"sqlite:///{tmp_path}/missing-dir/db.sqlite3",
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "SGLANG_URL": "http://127.0.0.1:9",
+        "GATEWAY_MONITORING_TOKEN": MONITORING_TOKEN,
     }
-    with running(
-        ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "limiter_site.asgi:application"],
-        url,
-        env,
-    ):
-        response = httpx.get(url, timeout=10)
+    try:
+        with running(gateway_args(port), f"{url}/health", env):
+            with httpx.Client(base_url=url) as client:
+                for _ in range(1000):
+                    assert client.get("/health").json() == {"status": "ok"}
+            assert accepted[0] == 0
+            response = httpx.get(f"{url}/health/ready", headers=monitoring(), timeout=20)
+    finally:
+        listener.close()
     assert response.status_code == 503
     report = response.json()
     assert report["status"] == "unavailable" and report["database"]["ok"] is False
+    assert report["redis"]["ok"] is False
 
 
-def test_tokenize_counts_like_the_upstream_bills_and_charges_nothing(world: World) -> None:
-    from quotas.models import UsageRecord
-
-    with world.db():
-        rows_before = UsageRecord.objects.count()
-    chat = post(world, "/tokenize", {"model": "korean-qwen", "messages": KOREAN_CHAT}).json()
-    assert chat["count"] == len(chat["tokens"]) == get_counter(FAST_MODEL).count_chat(KOREAN_CHAT)
-    assert chat["max_model_len"] == 32768 and "estimated" not in chat
+def test_tokenize_counts_like_the_upstream_bills_and_is_recorded_unbilled(world: World) -> None:
+    chat = post(world, "/tokenize", {"model": "korean-qwen", "messages": KOREAN_CHAT})
+    body = chat.json()
+    assert body["count"] == len(body["tokens"]) == get_counter(FAST_MODEL).count_chat(KOREAN_CHAT)
+    assert body["max_model_len"] == 32768 and "estimated" not in body
     upstream = httpx.post(
         f"{world.fast_upstream}/v1/tokenize",
         json={"model": FAST_MODEL, "messages": KOREAN_CHAT},
         timeout=10,
     ).json()
-    assert upstream["tokens"] == chat["tokens"]
+    assert upstream["tokens"] == body["tokens"]
     text = post(world, "/tokenize", {"model": "korean-qwen", "prompt": "대한민국의 수도는"}).json()
     assert text["count"] == get_counter(FAST_MODEL).count_text("대한민국의 수도는")
-    time.sleep(0.5)  # longer than the ledger flush interval
+    row = world.ledger_row(chat.headers["x-request-id"])
+    assert (row.endpoint, row.status_code, row.usage_source) == ("tokenize", 200, "none")
+    assert row.prompt_tokens == row.completion_tokens == 0  # recorded, never billed
+    assert row.estimated_prompt_tokens == body["count"]
+    assert "x-ratelimit-remaining-requests" in chat.headers
+
+
+def test_tokenize_is_rate_limited_in_requests(world: World) -> None:
+    from tests.gateway.conftest import hooks_plan, make_user
+
     with world.db():
-        assert UsageRecord.objects.count() == rows_before
+        _, key = make_user("tokenize-rpm", hooks_plan(), requests_per_minute=2, cooldown_minutes=0)
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "korean-qwen", "prompt": "안녕"}
+    statuses = [
+        httpx.post(f"{world.v1}/tokenize", json=body, headers=headers, timeout=10).status_code
+        for _ in range(3)
+    ]
+    assert statuses == [200, 200, 429]
 
 
 @pytest.mark.parametrize(
@@ -438,8 +536,14 @@ def test_the_same_application_serves_under_uvicorn(world: World) -> None:
     assert proc.returncode in (0, -15)
 
 
-def gateway_metrics(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{base_url}/metrics", timeout=5).text
+def gateway_metrics(
+    base_url: str, headers: dict[str, str] | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = httpx.get(
+        f"{base_url}/metrics", timeout=5, headers=monitoring() if headers is None else headers
+    )
+    assert response.status_code == 200, response.text
+    text = response.text
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -477,7 +581,7 @@ def test_gateway_metrics_count_requests_tokens_and_refusals(world: World) -> Non
 def test_metrics_of_several_processes_are_summed(world: World, tmp_path) -> None:
     from contextlib import ExitStack
 
-    from tests.gateway.conftest import database_url_for_subprocess
+    from tests.gateway.conftest import database_url_for_subprocess, gateway_args
     from tests.procs import free_port, running
 
     with world.db():
@@ -485,17 +589,14 @@ def test_metrics_of_several_processes_are_summed(world: World, tmp_path) -> None
             "DATABASE_URL": database_url_for_subprocess(),
             "SGLANG_URL": world.fast_upstream,
             "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+            # Prometheus scraping from a listed address needs no token.
+            "GATEWAY_MONITORING_ALLOWED_IPS": "127.0.0.0/8",
         }
     urls = []
     with ExitStack() as stack:
         for _ in range(2):
             port = free_port()
-            args = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-            stack.enter_context(
-                running(
-                    [*args, "limiter_site.asgi:application"], f"http://127.0.0.1:{port}/health", env
-                )
-            )
+            stack.enter_context(running(gateway_args(port), f"http://127.0.0.1:{port}/health", env))
             urls.append(f"http://127.0.0.1:{port}")
         for url in urls:
             openai.OpenAI(
@@ -504,9 +605,9 @@ def test_metrics_of_several_processes_are_summed(world: World, tmp_path) -> None
         key = ("gateway_requests_total", (("model", FAST_MODEL), ("status", "200")))
         # Counted at settlement, just after each response went out: give the last one a moment.
         deadline = time.monotonic() + 5
-        while gateway_metrics(urls[0]).get(key) != 2 and time.monotonic() < deadline:
+        while gateway_metrics(urls[0], {}).get(key) != 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        merged = gateway_metrics(urls[0])
+        merged = gateway_metrics(urls[0], {})
     assert merged[key] == 2
 
 

@@ -196,12 +196,12 @@ def test_health_warns_about_a_ledger_backlog(stream: redis_lib.Redis, monkeypatc
     _, rows = rows_for(20)
     ledger_stream.append_rows(stream, rows)
     monkeypatch.setattr(health, "LEDGER_BACKLOG_WARNING", 10)
-    report = asyncio.run(health.report(Gateway()))
+    report = asyncio.run(Gateway().readiness.report())
     assert report["redis"]["ledger_stream_backlog"] == 20
     assert any("ledger stream" in warning for warning in report["warnings"])
 
 
-def test_metrics_report_the_stream_backlog(stream: redis_lib.Redis) -> None:
+def test_metrics_report_the_stream_backlog(stream: redis_lib.Redis, settings) -> None:
     import asyncio
 
     import httpx2
@@ -211,11 +211,14 @@ def test_metrics_report_the_stream_backlog(stream: redis_lib.Redis) -> None:
 
     _, rows = rows_for(7)
     ledger_stream.append_rows(stream, rows)
+    token = settings.GATEWAY_MONITORING_TOKEN = "a-monitoring-token-of-some-length"
 
     async def scrape() -> str:
         transport = httpx2.ASGITransport(app=Gateway())
         async with httpx2.AsyncClient(transport=transport, base_url="http://gw") as http:
-            return (await http.get("/metrics")).text
+            response = await http.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 200
+            return response.text
 
     values = {
         sample.name: sample.value

@@ -27,7 +27,6 @@ from quotas.limiter import (
     Decision,
     Scope,
     format_duration,
-    reservation_for,
 )
 from quotas.limiter_memory import MemoryBackend
 from quotas.models import Limits
@@ -317,11 +316,3 @@ def test_backends_agree_on_a_random_workload() -> None:
 )
 def test_reset_durations_look_like_openais(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
-
-
-def test_reservation_policy() -> None:
-    assert reservation_for(50, {"max_tokens": 100}, 32768, 4096) == 150
-    assert reservation_for(50, {"max_tokens": 100, "max_completion_tokens": 20}, 32768, 4096) == 70
-    assert reservation_for(50, {}, 32768, 4096) == 50 + 4096
-    assert reservation_for(30000, {}, 32768, 4096) == 32768
-    assert reservation_for(40000, {}, 32768, 4096) == 40000
