@@ -96,3 +96,30 @@ def test_sglang_samples_reach_the_dashboards(settings: Any) -> None:
     message = asyncio.run(scenario())
     assert message["kind"] == "sglang"
     assert message["upstreams"][0]["kv_cache_usage"] == 0.42
+
+
+@pytest.mark.parametrize(
+    "origin", [b"http://evil.example", b"https://testserver.evil.example", b"null", None]
+)
+def test_a_staff_session_from_a_foreign_origin_is_refused(origin: bytes | None) -> None:
+    cookie = session_cookie(User.objects.create_user("운영자3", is_staff=True))
+    headers = [h for h in cookie if h[0] != b"origin"]
+    if origin is not None:
+        headers.append((b"origin", origin))
+
+    async def scenario() -> bool:
+        communicator, (connected, _) = await connect(headers)
+        await communicator.disconnect()
+        return bool(connected)
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_allowed_origins_never_include_a_wildcard(settings: Any) -> None:
+    from telemetry.routing import allowed_origins
+
+    settings.ALLOWED_HOSTS = ["*", "limiter.example.com"]
+    settings.CSRF_TRUSTED_ORIGINS = ["https://limiter.example.com"]
+    assert allowed_origins() == ["limiter.example.com", "https://limiter.example.com"]
+    settings.ALLOWED_HOSTS, settings.DEBUG = ["*"], True
+    assert "*" not in allowed_origins() and "localhost" in allowed_origins()
