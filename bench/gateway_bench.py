@@ -3,8 +3,9 @@
     .venv/bin/python bench/gateway_bench.py [--seconds 5] [--rounds 3] [--write docs/benchmarks.md]
 
 Starts the SGLang simulator (as fast as it can go) and the gateway under Daphne and under
-uvicorn as real processes, with auth, token counting and ledger recording switched on, then
-drives each with an aiohttp load client: 1 and 32 concurrent clients (non-streaming) and
+uvicorn (and, with --baseline DIR, uvicorn running another checkout) as real processes, with
+auth, token counting and ledger recording switched on, then drives each with an aiohttp load
+client: 1 and 32 concurrent clients (non-streaming) and
 streaming time-to-first-byte. Rounds are interleaved and medians reported, because the load
 client, the gateway and the simulator share this machine's cores. The gateway's CPU per request
 is read from /proc for the gateway process alone.
@@ -87,8 +88,14 @@ async def load(url: str, key: str | None, clients: int, seconds: float, stream: 
         return Result(len(latencies), time.perf_counter() - started, latencies)
 
 
+UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--no-access-log",
+           "--loop", "uvloop", "--http", "httptools", "limiter_site.asgi:application"]  # fmt: skip
+
+
 @contextmanager
-def world(database_url: str, redis_url: str = "") -> Iterator[dict[str, str | int]]:
+def world(
+    database_url: str, redis_url: str = "", baseline: Path | None = None
+) -> Iterator[dict[str, str | int]]:
     env = {"DATABASE_URL": database_url, "DEBUG": "1"}
     os.environ.update(env)
     subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, check=True)
@@ -116,13 +123,11 @@ def world(database_url: str, redis_url: str = "") -> Iterator[dict[str, str | in
         )  # fmt: skip
         uvicorn = stack.enter_context(
             running(
-                ["-m", "uvicorn", "--host", "127.0.0.1", "--port", str(uvicorn_port),
-                 "--no-access-log", "--loop", "uvloop", "--http", "httptools",
-                 "limiter_site.asgi:application"],
+                [a.format(port=uvicorn_port) for a in UVICORN],
                 f"http://127.0.0.1:{uvicorn_port}/health", gateway_env,
             )
         )  # fmt: skip
-        yield {
+        targets: dict[str, str | int] = {
             "key": key,
             "direct": f"{sim}/v1/chat/completions",
             "daphne": f"http://127.0.0.1:{daphne_port}/v1/chat/completions",
@@ -130,6 +135,19 @@ def world(database_url: str, redis_url: str = "") -> Iterator[dict[str, str | in
             "daphne_pid": daphne.pid,
             "uvicorn_pid": uvicorn.pid,
         }
+        if baseline is not None:
+            # Another checkout (e.g. `git worktree add /tmp/before <commit>`) on the same
+            # database and simulator: its cost beside ours, in the same run.
+            port = free_port()
+            before = stack.enter_context(
+                running(
+                    [a.format(port=port) for a in UVICORN],
+                    f"http://127.0.0.1:{port}/health", gateway_env, cwd=baseline,
+                )
+            )  # fmt: skip
+            targets["baseline"] = f"http://127.0.0.1:{port}/v1/chat/completions"
+            targets["baseline_pid"] = before.pid
+        yield targets
 
 
 def seed() -> str:
@@ -160,7 +178,9 @@ def measure(w: dict[str, str | int], seconds: float, rounds: int) -> dict[tuple[
     results: dict[tuple[str, str], list[Result]] = {}
     for _ in range(rounds):
         for label, clients, stream in scenarios:
-            for target in ("direct", "daphne", "uvicorn"):
+            for target in ("direct", "daphne", "uvicorn", "baseline"):
+                if target not in w:
+                    continue
                 pid = w.get(f"{target}_pid")
                 before = cpu_seconds(int(pid)) if pid else 0.0
                 key = None if target == "direct" else str(w["key"])
@@ -201,10 +221,13 @@ def main() -> None:
     parser.add_argument("--database-url", default="")
     parser.add_argument("--redis-url", default="", help="limit through Redis (default: embedded)")
     parser.add_argument("--write", type=Path, help="replace the gateway section of this file")
+    parser.add_argument(
+        "--baseline", type=Path, help="also run uvicorn from this other checkout ('baseline')"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         database_url = args.database_url or f"sqlite:///{tmp}/bench.sqlite3"
-        with world(database_url, args.redis_url) as w:
+        with world(database_url, args.redis_url, args.baseline) as w:
             results = measure(w, args.seconds, args.rounds)
     text = table(results)
     print(text)

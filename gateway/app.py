@@ -233,7 +233,7 @@ class Gateway:
         body = await read_body(
             scope, receive, settings.GATEWAY_MAX_BODY_BYTES, settings.GATEWAY_BODY_TIMEOUT_SECONDS
         )
-        data = await self.counters.parse(body)
+        data = await self.counters.parse(grant.user_id, body)
         requested = require_model(data)
         model, adapter = await self._resolve(requested, data.get("lora_path"), grant)
         counter = await self.counters.get(model)
@@ -322,7 +322,7 @@ class Gateway:
                 settings.GATEWAY_MAX_BODY_BYTES,
                 settings.GATEWAY_BODY_TIMEOUT_SECONDS,
             )
-            data = await self.counters.parse(body)
+            data = await self.counters.parse(grant.user_id, body)
             requested = require_model(data)
             model, _ = await self._resolve(requested, None, grant)
             counter = await self.counters.get(model)

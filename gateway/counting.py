@@ -7,8 +7,9 @@ running while a long prompt is counted.
 
 No client may hold up the others' preparation either. Small bodies (the many) are prepared on
 the fast pool with a short template budget; a render that runs past it (a huge body, a
-pathological conversation, a runaway template) moves to the bulk pool with the full budget,
-where each user's requests take turns: one user's slow work never occupies every thread.
+pathological conversation, a runaway template) moves to the bulk pool with the full budget. Both
+pools serve users in turn (FairPool): a client with a hundred requests waiting is not ahead of
+everyone else for all of them.
 Bodies up to BULK_BYTES are parsed on the loop (orjson: about 0.1 ms for 64 KiB); larger ones
 on the bulk pool too.
 """
@@ -18,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from django.conf import settings
@@ -40,8 +41,6 @@ BULK_BYTES = 64 * 1024
 # docs/benchmarks.md); past this a render leaves the fast pool.
 FAST_TEMPLATE_SECONDS = 0.05
 
-fast_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
-bulk_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare-bulk")
 # Loading a tokenizer takes about a second: never in a pool requests wait on.
 _load_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer-load")
 
@@ -62,30 +61,68 @@ def template_too_costly(exc: TemplateBudgetExceeded) -> GatewayError:
     )
 
 
-class TurnsPerUser:
-    """At most one of a user's requests at a time through a block; others' are not held."""
+class FairPool:
+    """A thread pool whose waiting work is served user by user, in turn.
 
-    def __init__(self) -> None:
-        self._locks: dict[int, asyncio.Lock] = {}
-        self._waiting: dict[int, int] = {}
+    A plain executor queue is first come, first served: a client that sends a hundred slow
+    requests at once is ahead of everyone else for all of them. Here work waits in one queue
+    per user, and each free thread goes to the next user in turn, so anyone else's request
+    waits for at most one job per busy user.
+    """
 
-    @asynccontextmanager
-    async def turn(self, user_id: int) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(user_id, asyncio.Lock())
-        self._waiting[user_id] = self._waiting.get(user_id, 0) + 1
+    def __init__(self, threads: int, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._free = threads
+        self._waiting: OrderedDict[int, deque[asyncio.Future[None]]] = OrderedDict()
+
+    async def run(self, user_id: int, fn: Callable[..., T], *args: Any) -> T:
+        await self._acquire(user_id)
         try:
-            async with lock:
-                yield
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         finally:
-            self._waiting[user_id] -= 1
-            if not self._waiting[user_id]:  # no one else queued: forget the user
-                del self._waiting[user_id], self._locks[user_id]
+            self._release()
+
+    async def _acquire(self, user_id: int) -> None:
+        if self._free and not self._waiting:
+            self._free -= 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(user_id, deque()).append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._release()  # the thread was handed over as we were cancelled: pass it on
+            else:
+                self._forget(user_id, turn)
+            raise
+
+    def _release(self) -> None:
+        while self._waiting:
+            user_id, queue = next(iter(self._waiting.items()))
+            turn = queue.popleft()
+            if queue:
+                self._waiting.move_to_end(user_id)
+            else:
+                del self._waiting[user_id]
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._free += 1
+
+    def _forget(self, user_id: int, turn: asyncio.Future[None]) -> None:
+        queue = self._waiting.get(user_id)
+        if queue is not None and turn in queue:
+            queue.remove(turn)
+            if not queue:
+                del self._waiting[user_id]
 
 
 class Counters:
     def __init__(self) -> None:
         self._ready: dict[str, TokenCounter] = {}
-        self._bulk_turns = TurnsPerUser()
+        self.fast = FairPool(2, "prepare")
+        self.bulk = FairPool(2, "prepare-bulk")
 
     def preload(self, models: tuple[ModelInfo, ...]) -> None:
         """Start loading every model's tokenizer in the background (called on catalog loads)."""
@@ -111,37 +148,31 @@ class Counters:
         return counter
 
     async def prepare(self, size: int, user_id: int, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` (a request's preparation) on the fast pool, or on the bulk pool in the
-        user's turn if the body is large or its template outruns the fast budget."""
+        """`fn(*args)` (a request's preparation) on the fast pool, or on the bulk pool if the
+        body is large or its template outruns the fast budget; each pool serves users in turn."""
         if size <= BULK_BYTES:
             try:
-                return await self._on(fast_executor, FAST_TEMPLATE_SECONDS, fn, *args)
+                return await self.fast.run(user_id, _budgeted, FAST_TEMPLATE_SECONDS, fn, *args)
             except TemplateBudgetExceeded as exc:
                 if not exc.out_of_time:
                     raise template_too_costly(exc) from None
-        async with self._bulk_turns.turn(user_id):
-            try:
-                budget = settings.GATEWAY_TEMPLATE_BUDGET_SECONDS
-                return await self._on(bulk_executor, budget, fn, *args)
-            except TemplateBudgetExceeded as exc:
-                raise template_too_costly(exc) from None
+        budget = settings.GATEWAY_TEMPLATE_BUDGET_SECONDS
+        try:
+            return await self.bulk.run(user_id, _budgeted, budget, fn, *args)
+        except TemplateBudgetExceeded as exc:
+            raise template_too_costly(exc) from None
 
-    async def run(self, size: int, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the pool for a body of `size` bytes (no template involved)."""
-        pool = fast_executor if size <= BULK_BYTES else bulk_executor
-        return await self._on(pool, settings.GATEWAY_TEMPLATE_BUDGET_SECONDS, fn, *args)
+    async def run(self, user_id: int, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the user's turn on the pool for `size` bytes (no template involved)."""
+        pool = self.fast if size <= BULK_BYTES else self.bulk
+        return await pool.run(user_id, fn, *args)
 
-    @staticmethod
-    async def _on(pool: Executor, seconds: float, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, _budgeted, seconds, fn, *args)
-
-    async def parse(self, body: bytes) -> dict[str, Any]:
+    async def parse(self, user_id: int, body: bytes) -> dict[str, Any]:
         if len(body) <= BULK_BYTES:
             return parse_json_object(body)
-        return await self.run(len(body), parse_json_object, body)
+        return await self.run(user_id, len(body), parse_json_object, body)
 
-    async def count_completion(self, model: ModelInfo, text: str) -> int:
+    async def count_completion(self, user_id: int, model: ModelInfo, text: str) -> int:
         """Generated text the upstream billed nothing for; counted like prompts."""
         counter = await self.get(model)
-        return await self.run(len(text) * 3, counter.count_completion, text)
+        return await self.run(user_id, len(text) * 3, counter.count_completion, text)

@@ -175,7 +175,9 @@ class Proxy:
         if usage is None:
             completion = 0
             if call.generated_text:
-                completion = await self.counters.count_completion(call.model, call.generated_text)
+                completion = await self.counters.count_completion(
+                    call.grant.user_id, call.model, call.generated_text
+                )
             produced = call.status == 200 or completion > 0
             usage = Usage(
                 prompt_tokens=call.prompt_count if produced else 0, completion_tokens=completion

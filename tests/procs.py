@@ -40,16 +40,21 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) ->
 
 @contextmanager
 def running(
-    args: list[str], ready_url: str, env: dict[str, str] | None = None, timeout: float = 60.0
+    args: list[str],
+    ready_url: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    cwd: Path = ROOT,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `args` (python -m … or manage.py …) until the block ends; output goes to a log file."""
+    """Run `args` (python -m … or manage.py …) in `cwd` until the block ends; output goes to a
+    log file."""
     full_env = {**os.environ, "DEBUG": "1", **(env or {})}
     log_dir = ROOT / "var" / "test-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{Path(args[0]).name}-{os.getpid()}-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, *args], cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
         try:
             try:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gateway.caches import ModelInfo
-from gateway.counting import BULK_BYTES, Counters
+from gateway.counting import BULK_BYTES, Counters, FairPool
 from gateway.preparation import UpstreamTarget, prepare
 from gateway.request_schema import CHAT, Context
 from quotas.request_policy import RequestAccess
@@ -35,7 +35,7 @@ def prepared_on(text: str) -> tuple[int, str]:
         counter = await counters.get(MODEL)
         ctx = Context(vocab_size=counter.vocab_size)
         size = len(text.encode())
-        result = await counters.run(size, spy, CHAT, body, ctx, counter, 32768, TARGET)
+        result = await counters.prepare(size, 1, spy, CHAT, body, ctx, counter, 32768, TARGET)
         return result.prompt_tokens
 
     return asyncio.run(scenario()), seen[0]
@@ -76,7 +76,7 @@ def test_counting_a_huge_prompt_leaves_the_event_loop_running() -> None:
         await asyncio.sleep(0.05)
         lags.clear()
         started = time.perf_counter()
-        await Counters().run(BULK_BYTES + 1, counter.count_text, text)
+        await Counters().run(1, BULK_BYTES + 1, counter.count_text, text)
         took = time.perf_counter() - started
         task.cancel()
         return max(lags), took
@@ -103,5 +103,48 @@ def test_generated_text_is_counted_like_prompts(text: str, pool: str, monkeypatc
         return real(value)
 
     monkeypatch.setattr(counter, "count_completion", spy)
-    assert asyncio.run(Counters().count_completion(MODEL, text)) == counter.count_text(text)
+    assert asyncio.run(Counters().count_completion(1, MODEL, text)) == counter.count_text(text)
     assert threads[0].startswith(pool)
+
+
+def test_a_pool_serves_users_in_turn_not_first_come_first_served() -> None:
+    """User 1 queues five slow jobs, then user 2 one: user 2's runs after at most one more of
+    user 1's, not after all of them."""
+    pool = FairPool(1, "fair-test")
+    started: list[str] = []
+    gate = threading.Event()
+
+    def job(name: str) -> None:
+        started.append(name)
+        if name == "a1":
+            gate.wait(10)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(pool.run(1, job, "a1"))
+        await asyncio.sleep(0.05)  # a1 holds the only thread
+        rest = [asyncio.ensure_future(pool.run(1, job, f"a{i}")) for i in range(2, 6)]
+        await asyncio.sleep(0.01)
+        other = asyncio.ensure_future(pool.run(2, job, "b1"))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(first, *rest, other)
+
+    asyncio.run(scenario())
+    assert started == ["a1", "a2", "b1", "a3", "a4", "a5"]
+
+
+def test_a_cancelled_wait_gives_its_turn_away() -> None:
+    pool = FairPool(1, "fair-cancel")
+    gate = threading.Event()
+
+    async def scenario() -> str:
+        holder = asyncio.ensure_future(pool.run(1, gate.wait, 10))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(pool.run(2, str, "never"))
+        await asyncio.sleep(0.01)
+        waiting.cancel()  # the client went away while queued
+        gate.set()
+        await holder
+        return await asyncio.wait_for(pool.run(3, str, "next"), 5)
+
+    assert asyncio.run(scenario()) == "next"
