@@ -26,6 +26,9 @@ if [ -z "${SGLANG_URL:-}" ]; then
 fi
 
 echo "Gateway: http://${GATEWAY_HOST:-127.0.0.1}:${GATEWAY_PORT:-8080}/v1  (admin: /admin/)"
-.venv/bin/daphne -b "${GATEWAY_HOST:-127.0.0.1}" -p "${GATEWAY_PORT:-8080}" limiter_site.asgi:application &
+# uvicorn, not Daphne: it hands the body over as it arrives, so the gateway refuses an
+# oversized upload at its limit instead of after buffering all of it (README, "Server").
+.venv/bin/uvicorn --host "${GATEWAY_HOST:-127.0.0.1}" --port "${GATEWAY_PORT:-8080}" \
+  --lifespan on limiter_site.asgi:application &
 pids+=($!)
 wait "${pids[-1]}"
