@@ -120,7 +120,8 @@ class Responder:
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def complete(self, status: int, data: bytes, headers: Headers) -> None:
-        await self.start(status, [*JSON_HEADERS, *headers])
+        length = (b"content-length", str(len(data)).encode())
+        await self.start(status, [*JSON_HEADERS, length, *headers])
         await self.body(data)
 
     async def json(self, status: int, payload: Any, headers: Headers | None = None) -> None:
