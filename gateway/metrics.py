@@ -8,9 +8,11 @@ label unless GATEWAY_METRICS_PER_USER is on: users are unbounded, series must no
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import time
+from typing import Any
 
 from django.conf import settings
 from prometheus_client import (
@@ -93,8 +95,15 @@ def exposition() -> tuple[bytes, str]:
     raise AssertionError("unreachable")
 
 
-def user_labels(username: str) -> dict[str, str]:
-    return {"user": username} if USER else {}
+def user_labels(username: str) -> tuple[str, ...]:
+    return (username,) if USER else ()
+
+
+@functools.lru_cache(maxsize=4096)
+def series(metric: Any, *labels: str) -> Any:
+    """metric.labels(*labels), looked up once: prometheus_client's own lookup was about 3 % of
+    the gateway's CPU under load (py-spy)."""
+    return metric.labels(*labels)
 
 
 def observe_finished(
@@ -102,19 +111,19 @@ def observe_finished(
     upstream_ms: float | None, ttft_ms: float | None,
 ) -> None:  # fmt: skip
     user = user_labels(username)
-    REQUESTS.labels(model=model, status=str(status), **user).inc()
+    series(REQUESTS, model, str(status), *user).inc()
     if prompt:
-        TOKENS.labels(model=model, direction="prompt", **user).inc(prompt)
+        series(TOKENS, model, "prompt", *user).inc(prompt)
     if completion:
-        TOKENS.labels(model=model, direction="completion", **user).inc(completion)
+        series(TOKENS, model, "completion", *user).inc(completion)
     if upstream_ms is not None:
-        UPSTREAM_SECONDS.labels(model=model).observe(upstream_ms / 1000)
+        series(UPSTREAM_SECONDS, model).observe(upstream_ms / 1000)
     if ttft_ms is not None:
-        TTFT_SECONDS.labels(model=model).observe(ttft_ms / 1000)
+        series(TTFT_SECONDS, model).observe(ttft_ms / 1000)
 
 
 def observe_refused(username: str, status: int, kind: str) -> None:
     user = user_labels(username)
-    REQUESTS.labels(model="", status=str(status), **user).inc()
+    series(REQUESTS, "", str(status), *user).inc()
     if status == 429:
-        RATE_LIMITED.labels(kind=kind, **user).inc()
+        series(RATE_LIMITED, kind, *user).inc()

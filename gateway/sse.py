@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 # Inside JSON strings quotes are escaped, so these match keys only; `"usage": null` (on every
 # chunk of some servers) does not match and costs no parse.
@@ -112,19 +114,26 @@ def _payload(event: bytes) -> dict[str, Any] | None:
     data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
     if not data or data == b"[DONE]":
         return None
+    payload = _loads(data)
+    return payload if isinstance(payload, dict) else None
+
+
+def _loads(data: bytes) -> Any:
+    # orjson (3-4x faster) for what SGLang sends; the standard library for what orjson refuses
+    # but an upstream may still send (NaN, lone surrogates); None for what is not JSON at all.
     try:
-        payload = json.loads(data)
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(data)
     except ValueError:
         return None
-    return payload if isinstance(payload, dict) else None
 
 
 def response_usage(body: bytes) -> tuple[Usage | None, str]:
     """Usage and generated text of a non-streaming response."""
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return None, ""
+    payload = _loads(body)
     if not isinstance(payload, dict):
         return None, ""
     usage = Usage.from_payload(payload.get("usage"))

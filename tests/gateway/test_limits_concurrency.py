@@ -1,4 +1,4 @@
-"""Two Daphne gateway processes sharing one Redis, 200 concurrent requests from one user.
+"""Two gateway processes (uvicorn) sharing one Redis, 200 concurrent requests from one user.
 
 Nothing may overshoot: admitted tokens per 60 s ≤ TPM, admitted requests ≤ RPM, requests in
 flight at the upstream ≤ the parallel cap; afterwards Redis's counters equal the ledger's sums.
@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from tests.gateway.conftest import FAST_MODEL, database_url_for_subprocess, make_user
+from tests.gateway.conftest import FAST_MODEL, database_url_for_subprocess, gateway_args, make_user
 from tests.procs import free_port, ledger_worker, running, simulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
@@ -70,16 +70,7 @@ def test_two_gateways_never_overshoot_and_counters_match_the_ledger(redis_url: s
         urls = []
         for _ in range(2):
             port = free_port()
-            args = [
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "limiter_site.asgi:application",
-            ]
-            stack.enter_context(running(args, f"http://127.0.0.1:{port}/health", env))
+            stack.enter_context(running(gateway_args(port), f"http://127.0.0.1:{port}/health", env))
             urls.append(f"http://127.0.0.1:{port}")
         httpx.post(f"{upstream}/sim/reset", timeout=5)
         started = time.monotonic()
