@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import queue
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -62,25 +64,42 @@ def template_too_costly(exc: TemplateBudgetExceeded) -> GatewayError:
 
 
 class FairPool:
-    """A thread pool whose waiting work is served user by user, in turn.
+    """Worker threads whose waiting work is served user by user, in turn.
 
     A plain executor queue is first come, first served: a client that sends a hundred slow
     requests at once is ahead of everyone else for all of them. Here work waits in one queue
     per user, and each free thread goes to the next user in turn, so anyone else's request
-    waits for at most one job per busy user.
+    waits for at most one job per busy user. The threads take jobs from a SimpleQueue and hand
+    results back with call_soon_threadsafe: half the CPU of run_in_executor's futures per hop
+    (docs/benchmarks.md), which every request pays.
     """
 
     def __init__(self, threads: int, name: str) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._free = threads
         self._waiting: OrderedDict[int, deque[asyncio.Future[None]]] = OrderedDict()
+        for number in range(threads):
+            threading.Thread(target=self._work, name=f"{name}_{number}", daemon=True).start()
 
     async def run(self, user_id: int, fn: Callable[..., T], *args: Any) -> T:
         await self._acquire(user_id)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[T] = loop.create_future()
+            self._jobs.put((loop, done, fn, args))
+            return await done
         finally:
             self._release()
+
+    def _work(self) -> None:
+        while True:
+            loop, done, fn, args = self._jobs.get()
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the awaiting request, as an executor would
+                loop.call_soon_threadsafe(_settle, done, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, done, result, None)
 
     async def _acquire(self, user_id: int) -> None:
         if self._free and not self._waiting:
@@ -116,6 +135,18 @@ class FairPool:
             queue.remove(turn)
             if not queue:
                 del self._waiting[user_id]
+
+
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+
+
+def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if done.cancelled():  # the request went away while its job ran
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)
 
 
 class Counters:
