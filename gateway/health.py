@@ -11,6 +11,7 @@ hung database never takes the threads that look up API keys.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -158,10 +159,19 @@ async def _timed(check: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
     return result
 
 
-async def _ping_database() -> None:
-    def ping() -> None:
-        close_old_connections()
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
+_ping_in_flight: concurrent.futures.Future[None] | None = None
 
-    await asyncio.get_running_loop().run_in_executor(_health_db, ping)
+
+async def _ping_database() -> None:
+    """SELECT 1 on the health thread; while a ping hangs (a hung database), later checks wait
+    for that one instead of queueing a new ping a second behind it."""
+    global _ping_in_flight
+    if _ping_in_flight is None or _ping_in_flight.done():
+        _ping_in_flight = _health_db.submit(_ping)
+    await asyncio.wrap_future(_ping_in_flight)
+
+
+def _ping() -> None:
+    close_old_connections()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
