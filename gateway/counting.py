@@ -69,14 +69,18 @@ class FairPool:
     A plain executor queue is first come, first served: a client that sends a hundred slow
     requests at once is ahead of everyone else for all of them. Here work waits in one queue
     per user, and each free thread goes to the next user in turn, so anyone else's request
-    waits for at most one job per busy user. The threads take jobs from a SimpleQueue and hand
-    results back with call_soon_threadsafe: half the CPU of run_in_executor's futures per hop
+    waits for at most one job per busy user; `per_user` caps the threads one user may hold at
+    once (a second thread running one user's runaway template would take GIL time from
+    everyone). The threads take jobs from a SimpleQueue and hand results back with
+    call_soon_threadsafe: half the CPU of run_in_executor's futures per hop
     (docs/benchmarks.md), which every request pays.
     """
 
-    def __init__(self, threads: int, name: str) -> None:
+    def __init__(self, threads: int, name: str, per_user: int | None = None) -> None:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._free = threads
+        self._per_user = per_user or threads
+        self._running: dict[int, int] = {}
         self._waiting: OrderedDict[int, deque[asyncio.Future[None]]] = OrderedDict()
         for number in range(threads):
             threading.Thread(target=self._work, name=f"{name}_{number}", daemon=True).start()
@@ -89,7 +93,7 @@ class FairPool:
             self._jobs.put((loop, done, fn, args))
             return await done
         finally:
-            self._release()
+            self._finished(user_id)
 
     def _work(self) -> None:
         while True:
@@ -102,38 +106,57 @@ class FairPool:
                 loop.call_soon_threadsafe(_settle, done, result, None)
 
     async def _acquire(self, user_id: int) -> None:
-        if self._free and not self._waiting:
-            self._free -= 1
+        if self._free and not self._waiting and self._running.get(user_id, 0) < self._per_user:
+            self._start(user_id)
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(user_id, deque()).append(turn)
+        self._dispatch()
         try:
             await turn
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():
-                self._release()  # the thread was handed over as we were cancelled: pass it on
+                self._finished(user_id)  # a thread was handed over as we were cancelled
             else:
                 self._forget(user_id, turn)
             raise
 
-    def _release(self) -> None:
-        while self._waiting:
-            user_id, queue = next(iter(self._waiting.items()))
-            turn = queue.popleft()
-            if queue:
-                self._waiting.move_to_end(user_id)
-            else:
-                del self._waiting[user_id]
-            if not turn.done():
-                turn.set_result(None)
-                return
+    def _start(self, user_id: int) -> None:
+        self._free -= 1
+        self._running[user_id] = self._running.get(user_id, 0) + 1
+
+    def _finished(self, user_id: int) -> None:
         self._free += 1
+        left = self._running[user_id] - 1
+        if left:
+            self._running[user_id] = left
+        else:
+            del self._running[user_id]
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Free threads to waiting users in turn, passing over users at their cap."""
+        while self._free and self._waiting:
+            ready = next(
+                (u for u in self._waiting if self._running.get(u, 0) < self._per_user), None
+            )
+            if ready is None:
+                return
+            queue_ = self._waiting[ready]
+            turn = queue_.popleft()
+            if queue_:
+                self._waiting.move_to_end(ready)
+            else:
+                del self._waiting[ready]
+            if not turn.done():
+                self._start(ready)
+                turn.set_result(None)
 
     def _forget(self, user_id: int, turn: asyncio.Future[None]) -> None:
-        queue = self._waiting.get(user_id)
-        if queue is not None and turn in queue:
-            queue.remove(turn)
-            if not queue:
+        queue_ = self._waiting.get(user_id)
+        if queue_ is not None and turn in queue_:
+            queue_.remove(turn)
+            if not queue_:
                 del self._waiting[user_id]
 
 
@@ -153,7 +176,7 @@ class Counters:
     def __init__(self) -> None:
         self._ready: dict[str, TokenCounter] = {}
         self.fast = FairPool(2, "prepare")
-        self.bulk = FairPool(2, "prepare-bulk")
+        self.bulk = FairPool(2, "prepare-bulk", per_user=1)
 
     def preload(self, models: tuple[ModelInfo, ...]) -> None:
         """Start loading every model's tokenizer in the background (called on catalog loads)."""

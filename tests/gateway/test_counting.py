@@ -148,3 +148,30 @@ def test_a_cancelled_wait_gives_its_turn_away() -> None:
         return await asyncio.wait_for(pool.run(3, str, "next"), 5)
 
     assert asyncio.run(scenario()) == "next"
+
+
+def test_a_user_holds_at_most_its_share_of_threads() -> None:
+    """Two threads, one per user: user 1's second job waits while user 2's runs beside its
+    first, although a thread would be free for it."""
+    pool = FairPool(2, "fair-cap", per_user=1)
+    running: list[str] = []
+    gate = threading.Event()
+
+    def job(name: str) -> None:
+        running.append(name)
+        gate.wait(10)
+
+    async def scenario() -> list[str]:
+        jobs = [asyncio.ensure_future(pool.run(1, job, "a1"))]
+        await asyncio.sleep(0.05)
+        jobs.append(asyncio.ensure_future(pool.run(1, job, "a2")))
+        await asyncio.sleep(0.05)
+        seen_alone = list(running)
+        jobs.append(asyncio.ensure_future(pool.run(2, job, "b1")))
+        await asyncio.sleep(0.05)
+        seen = [*seen_alone, "|", *running]
+        gate.set()
+        await asyncio.gather(*jobs)
+        return seen
+
+    assert asyncio.run(scenario()) == ["a1", "|", "a1", "b1"]
