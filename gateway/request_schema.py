@@ -154,7 +154,8 @@ def _part(value: Any, param: str, ctx: Context) -> dict[str, Any]:
 
 
 def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
-    return array(_tool_call, max_items=MAX_TOOLS, min_items=1)(value, param)
+    # Empty is what some SDKs replay for an assistant turn that called nothing.
+    return array(_tool_call, max_items=MAX_TOOLS)(value, param)
 
 
 def _tool_call(value: Any, param: str) -> dict[str, Any]:
