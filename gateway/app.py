@@ -17,6 +17,8 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 
@@ -45,6 +47,7 @@ from gateway.stats import StatsPublisher
 from gateway.upstream import Upstream
 from quotas.limiter import Clock, ratelimit_headers, system_clock
 from quotas.services import KeyGrant
+from quotas.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,7 @@ class Gateway:
             if message["type"] == "lifespan.startup":
                 # Load the served models (and, from them, the tokenizers) now rather than on
                 # the first request; a database that is not up yet is retried then.
+                # (Kept as an attribute: a task nobody references may be garbage-collected.)
                 self._warm_up = asyncio.ensure_future(self._load_catalog())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -226,29 +230,39 @@ class Gateway:
         self.stats.requests += 1
         self.stats.rate_limited += exc.status == 429
 
-    async def _prepare(
-        self, scope: Scope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str
-    ) -> tuple[str, ModelInfo, Prepared]:
-        """(the model name the client asked for, the model it resolves to, the prepared call)"""
+    async def _read(
+        self, scope: Scope, receive: Receive, grant: KeyGrant, adapters: bool
+    ) -> ModelRequest:
+        """Read and parse the body, resolve the model it names (and, with `adapters`, the LoRA
+        adapter) and get the model's token counter."""
         body = await read_body(
             scope, receive, settings.GATEWAY_MAX_BODY_BYTES, settings.GATEWAY_BODY_TIMEOUT_SECONDS
         )
         data = await self.counters.parse(grant.user_id, body)
         requested = require_model(data)
-        model, adapter = await self._resolve(requested, data.get("lora_path"), grant)
+        lora_path = data.get("lora_path") if adapters else None
+        model, adapter = await self._resolve(requested, lora_path, grant)
         counter = await self.counters.get(model)
+        return ModelRequest(len(body), data, requested, model, adapter, counter)
+
+    async def _prepare(
+        self, scope: Scope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str
+    ) -> tuple[str, ModelInfo, Prepared]:
+        """(the model name the client asked for, the model it resolves to, the prepared call)"""
+        request = await self._read(scope, receive, grant, adapters=True)
+        model, counter = request.model, request.counter
         ctx = Context(
             vocab_size=counter.vocab_size,
             accepts_media=model.accepts_media,
             max_choices=settings.GATEWAY_MAX_CHOICES,
             extra_fields=grant.access.extra_fields,
         )
-        target = UpstreamTarget(model.name, adapter, request_id, grant.access)
+        target = UpstreamTarget(model.name, request.adapter, request_id, grant.access)
         prepared = await self.counters.prepare(
-            len(body), grant.user_id, prepare, endpoint, data, ctx, counter,
+            request.size, grant.user_id, prepare, endpoint, request.data, ctx, counter,
             model.context_length, target,
         )  # fmt: skip
-        return requested, model, prepared
+        return request.requested, model, prepared
 
     async def _admit(
         self, scope: Scope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str
@@ -316,25 +330,22 @@ class Gateway:
         started = time.time()
         request_id = out.request_id
         try:
-            body = await read_body(
-                scope,
-                receive,
-                settings.GATEWAY_MAX_BODY_BYTES,
-                settings.GATEWAY_BODY_TIMEOUT_SECONDS,
+            request = await self._read(scope, receive, grant, adapters=False)
+            model, counter = request.model, request.counter
+            ctx = Context(vocab_size=counter.vocab_size)
+            # Checked before admission (a malformed request takes no request from the quota),
+            # and off the loop like every other body.
+            valid = await self.counters.run(
+                grant.user_id, request.size, validate, TOKENIZE, request.data, ctx
             )
-            data = await self.counters.parse(grant.user_id, body)
-            requested = require_model(data)
-            model, _ = await self._resolve(requested, None, grant)
-            counter = await self.counters.get(model)
-            valid = validate(TOKENIZE, data, Context(vocab_size=counter.vocab_size))
-            decision = await self.limits.admit(grant, request_id, 0, requested)
+            decision = await self.limits.admit(grant, request_id, 0, request.requested)
         except GatewayError as exc:
             self._refused(grant, TOKENIZE, started, exc, request_id)
             raise
         status, count, error_type = 500, 0, "server_error"
         try:
             result = await self.counters.prepare(
-                len(body), grant.user_id, tokenize, counter, valid.fields, model.context_length
+                request.size, grant.user_id, tokenize, counter, valid.fields, model.context_length
             )
             status, count, error_type = 200, result["count"], ""
             headers = ratelimit_headers(decision.state) if decision is not None else []
@@ -379,6 +390,18 @@ class Gateway:
         report = await self.readiness.report()
         status = 503 if report["status"] == "unavailable" else 200
         await out.json(status, report, [(b"cache-control", b"no-store")])
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequest:
+    """A request body as read, and the served model (and adapter) it names."""
+
+    size: int  # bytes of the body
+    data: dict[str, Any]
+    requested: str  # the model name as the client wrote it
+    model: ModelInfo
+    adapter: str | None
+    counter: TokenCounter
 
 
 def refused_event(
