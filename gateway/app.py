@@ -12,11 +12,12 @@ refusals, upstream failures and the gateway's own bugs (a JSON 500, never a trac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ from gateway.counting import Counters
 from gateway.embedded_beat import embedded_beat
 from gateway.errors import GatewayError, invalid
 from gateway.health import LIVE, Readiness
-from gateway.ledger import LedgerWriter, UsageEvent
+from gateway.ledger import LedgerWriter, OpenRequest, UsageEvent
 from gateway.limits import Limits, make_backend
 from gateway.preparation import Prepared, UpstreamTarget, prepare, tokenize
 from gateway.proxy import Call, Proxy
@@ -73,6 +74,7 @@ class Gateway:
             settings.GATEWAY_LEDGER_FLUSH_SECONDS,
             settings.GATEWAY_LEDGER_MAX_PENDING,
             settings.LEDGER_SPOOL_DIR,
+            settings.GATEWAY_LEDGER_CHECKPOINT_SECONDS,
         )
         self.upstream = Upstream()
         self.limits = Limits(make_backend(), clock)
@@ -84,6 +86,7 @@ class Gateway:
         )  # fmt: skip
         self.beat = embedded_beat()
         self._warm_up: asyncio.Future[None] | None = None
+        self._adoption: asyncio.Future[None] | None = None
         self.routes: dict[str, tuple[str, Handler]] = {
             "/v1/chat/completions": ("POST", self.chat_completions),
             "/v1/completions": ("POST", self.completions),
@@ -108,13 +111,7 @@ class Gateway:
         except Exception:
             # Operators get the traceback in the log; the client an OpenAI-shaped 500.
             log.exception("unhandled error on %r (request %s)", scope.get("path"), out.request_id)
-            await out.fail(
-                GatewayError(
-                    500,
-                    f"The gateway failed to handle this request (request id {out.request_id}).",
-                    type_="server_error",
-                )
-            )
+            await out.fail(internal_error(out.request_id))
 
     async def _dispatch(self, scope: Scope, receive: Receive, out: Responder) -> None:
         path = scope["path"]
@@ -139,21 +136,60 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                # Load the served models (and, from them, the tokenizers) now rather than on
-                # the first request; a database that is not up yet is retried then.
-                # (Kept as an attribute: a task nobody references may be garbage-collected.)
-                self._warm_up = asyncio.ensure_future(self._load_catalog())
+                await self._lifespan_startup()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.upstream.close()
+                await self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _lifespan_startup(self) -> None:
+        # Load the served models (and, from them, the tokenizers) now rather than on the first
+        # request; a database that is not up yet is retried then. (Kept as an attribute: a
+        # task nobody references may be garbage-collected.)
+        self._warm_up = asyncio.ensure_future(self._load_catalog())
+        self._start_ledger()
+
+    def _start_ledger(self) -> None:
+        """Spool and shipping thread now, and adoption of dead gateways' spools now and then:
+        at start-up under uvicorn (lifespan), at the first request under Daphne."""
+        if self._adoption is None:
+            self.ledger.start()
+            self._adoption = asyncio.ensure_future(self._adopt_dead_spools())
+
+    async def _adopt_dead_spools(self) -> None:
+        while True:
+            try:
+                closed = await asyncio.to_thread(self.ledger.adopt_dead)
+                await self.limits.release_interrupted(closed)
+            except Exception:
+                log.exception("adopting the spools of dead gateways failed; retrying later")
+            await asyncio.sleep(settings.GATEWAY_LEDGER_ADOPT_SECONDS)
+
+    async def close(self) -> None:
+        """Shut down cleanly: ship the ledger, close every pool (lifespan shutdown, tests)."""
+        adoption, self._adoption = self._adoption, None
+        if adoption is not None:
+            adoption.cancel()
+            if adoption.get_loop() is asyncio.get_running_loop():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await adoption
+        await asyncio.to_thread(self.ledger.close)
+        for pool in (self.limits, self.readiness, self.upstream):
+            try:
+                await pool.close()
+            except Exception:  # a pool made on another loop (tests) cannot be closed here
+                log.warning("could not close %s cleanly", type(pool).__name__, exc_info=True)
 
     async def _load_catalog(self) -> None:
         try:
             await self.catalog.models()
         except Exception:
             log.warning("could not load the served models at start-up", exc_info=True)
+        # Said at start, not only when someone reads /health/ready.
+        problem = (await self.readiness.redis_state()).get("persistence_problem")
+        if problem:
+            log.error("not ready: %s", problem)
 
     async def authenticate(self, scope: Scope) -> KeyGrant:
         if header_count(scope, b"authorization") > 1:
@@ -203,11 +239,9 @@ class Gateway:
     ) -> None:
         grant = await self.authenticate(scope)
         started = time.time()
-        try:
+        self._start_ledger()
+        with self._recording_refusals(grant, endpoint, started, out.request_id):
             call = await self._admit(scope, receive, grant, endpoint, out.request_id)
-        except GatewayError as exc:
-            self._refused(grant, endpoint, started, exc, out.request_id)
-            raise
         self.stats.ensure_running()
         if self.beat is not None:
             self.beat.start()
@@ -220,6 +254,26 @@ class Gateway:
             metrics.IN_FLIGHT.dec()
             self.stats.requests += 1
             self.stats.tokens += call.billed
+
+    @contextlib.contextmanager
+    def _recording_refusals(
+        self, grant: KeyGrant, endpoint: str, started: float, request_id: str
+    ) -> Iterator[None]:
+        """An authenticated request that fails before admission still gets its one row: the
+        refusal, or a 500 for a bug of ours (the client gets the same 500 from __call__)."""
+        try:
+            yield
+        except GatewayError as exc:
+            self._refused(grant, endpoint, started, exc, request_id)
+            raise
+        except ClientDisconnected:
+            # Gone before its body arrived: nginx's 499, and no answer to send.
+            left = GatewayError(499, "The client closed the request.", type_="client_closed")
+            self._refused(grant, endpoint, started, left, request_id)
+            raise
+        except Exception:
+            self._refused(grant, endpoint, started, internal_error(request_id), request_id)
+            raise
 
     def _refused(
         self, grant: KeyGrant, endpoint: str, started: float, exc: GatewayError, request_id: str
@@ -329,7 +383,8 @@ class Gateway:
         grant = await self.authenticate(scope)
         started = time.time()
         request_id = out.request_id
-        try:
+        self._start_ledger()
+        with self._recording_refusals(grant, TOKENIZE, started, request_id):
             request = await self._read(scope, receive, grant, adapters=False)
             model, counter = request.model, request.counter
             ctx = Context(vocab_size=counter.vocab_size)
@@ -339,9 +394,13 @@ class Gateway:
                 grant.user_id, request.size, validate, TOKENIZE, request.data, ctx
             )
             decision = await self.limits.admit(grant, request_id, 0, request.requested)
-        except GatewayError as exc:
-            self._refused(grant, TOKENIZE, started, exc, request_id)
-            raise
+        self.ledger.open(
+            OpenRequest(
+                request_id=request_id, user_id=grant.user_id, key_id=grant.key_id,
+                model=model.name, endpoint=TOKENIZE, streamed=False, started_at=started,
+                prompt_tokens=0, scopes=self.limits.held_scopes(request_id),
+            )
+        )  # fmt: skip
         status, count, error_type = 500, 0, "server_error"
         try:
             result = await self.counters.prepare(
@@ -367,11 +426,13 @@ class Gateway:
     async def metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
         if not monitoring.is_monitoring(scope):
             raise monitoring.forbidden("/metrics")
+        ledger = (await self.readiness.report())["ledger"]
         metrics.LEDGER_BACKLOG.set(self.ledger.pending)
-        if settings.REDIS_URL:
-            backlog = (await self.readiness.redis_state()).get("ledger_stream_backlog")
-            if backlog is not None:
-                metrics.LEDGER_STREAM_BACKLOG.set(backlog)
+        metrics.LEDGER_OLDEST_PENDING.set(ledger["oldest_pending_seconds"])
+        if ledger.get("dead_letters") is not None:
+            metrics.LEDGER_DEAD_LETTERS.set(ledger["dead_letters"])
+        if ledger.get("stream_backlog") is not None:
+            metrics.LEDGER_STREAM_BACKLOG.set(ledger["stream_backlog"])
         body, content_type = metrics.exposition()
         await out.start(200, [(b"content-type", content_type.encode())])
         await out.body(body)
@@ -402,6 +463,14 @@ class ModelRequest:
     model: ModelInfo
     adapter: str | None
     counter: TokenCounter
+
+
+def internal_error(request_id: str) -> GatewayError:
+    return GatewayError(
+        500,
+        f"The gateway failed to handle this request (request id {request_id}).",
+        type_="server_error",
+    )
 
 
 def refused_event(

@@ -151,7 +151,11 @@ class Responder:
                 {
                     "type": "http.response.start",
                     "status": 500,
-                    "headers": [*JSON_HEADERS, *ERROR_HEADERS],
+                    "headers": [
+                        *JSON_HEADERS,
+                        *ERROR_HEADERS,
+                        (b"x-request-id", self.request_id.encode()),
+                    ],
                 }
             )
             await self._send({"type": "http.response.body", "body": LAST_RESORT})

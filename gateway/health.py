@@ -2,10 +2,12 @@
 
 `GET|HEAD /health` says only that this process answers: no database, no Redis, no upstream, no
 version, nothing a stranger could use, and nothing that costs (load balancers call it often).
-`GET /health/ready` checks the database, Redis and every upstream and says why not ready. It is
-for staff sessions and monitoring (gateway/monitoring.py), computed at most once a second
-whoever asks, over pooled connections: its own Redis client and its own database thread, so a
-hung database never takes the threads that look up API keys.
+`GET /health/ready` checks the database, Redis (and that it keeps the append-only file the
+ledger's stream needs), every upstream and the ledger (how long the oldest usage event has
+waited to reach the database, whether a worker drains the stream, dead letters), and says why
+not ready. It is for staff sessions and monitoring (gateway/monitoring.py), computed at most
+once a second whoever asks, over pooled connections: its own Redis client and its own database
+thread, so a hung database never takes the threads that look up API keys.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from django.db import close_old_connections, connection
 from gateway.caches import ModelCatalog, ModelInfo
 from gateway.ledger import LedgerWriter
 from gateway.upstream import Upstream
+from quotas import ledger_stream
+from quotas.models import LedgerDeadLetter
 
 CHECK_TIMEOUT = 2.0
 REPORT_TTL = 1.0
@@ -67,10 +71,15 @@ class Readiness:
             models = self.catalog.snapshot()
         urls = sorted({m.upstream_url for m in models} or {settings.SGLANG_URL})
         upstreams = await asyncio.gather(*(self._upstream(url) for url in urls))
+        ledger = self._ledger(database, redis_state)
         # One model's GPU being down must not pull the whole gateway out of a load balancer: it
-        # serves while its own dependencies are up and at least one upstream answers.
+        # serves while its own dependencies are up and at least one upstream answers. A Redis
+        # that would lose the ledger's stream on restart is not a dependency that is up.
         serving = (
-            database["ok"] and redis_state["ok"] is not False and any(u["ok"] for u in upstreams)
+            database["ok"]
+            and redis_state["ok"] is not False
+            and not redis_state.get("persistence_problem")
+            and any(u["ok"] for u in upstreams)
         )
         if not serving:
             status = "unavailable"
@@ -80,11 +89,8 @@ class Readiness:
             status = "degraded"
         return {
             "status": status,
-            "gateway": {
-                "in_flight": self.in_flight(),
-                "ledger_pending": self.ledger.pending,
-                "ledger_dropped": self.ledger.dropped,
-            },
+            "gateway": {"in_flight": self.in_flight()},
+            "ledger": ledger,
             "upstreams": upstreams,
             "database": {"vendor": connection.vendor, **database},
             "redis": redis_state,
@@ -92,18 +98,51 @@ class Readiness:
                 {"name": m.name, "aliases": list(m.aliases), "token_counter": self.token_counter(m)}
                 for m in models
             ],
-            "warnings": self._warnings(redis_state, models),
+            "warnings": self._warnings(ledger, redis_state, models),
         }
 
-    def _warnings(self, redis_state: dict[str, Any], models: tuple[ModelInfo, ...]) -> list[str]:
+    def _ledger(self, database: dict[str, Any], redis_state: dict[str, Any]) -> dict[str, Any]:
+        """Where usage events are on their way to the database, and how long the oldest waits."""
+        spool_age = self.ledger.oldest_pending_age()
+        stream_age = redis_state.get("oldest_entry_seconds", 0.0)
+        return {
+            "pending": self.ledger.pending,
+            "dropped": self.ledger.dropped,
+            "stream_backlog": redis_state.get("ledger_stream_backlog"),
+            "oldest_pending_seconds": round(max(spool_age, stream_age), 3),
+            "last_drain_seconds_ago": redis_state.get("last_drain_seconds_ago"),
+            "dead_letters": database.get("dead_letters"),
+        }
+
+    def _warnings(
+        self, ledger: dict[str, Any], redis_state: dict[str, Any], models: tuple[ModelInfo, ...]
+    ) -> list[str]:
         warnings = []
-        if redis_state.get("ledger_stream_backlog", 0) > LEDGER_BACKLOG_WARNING:
+        limit = settings.LEDGER_PENDING_WARNING_SECONDS
+        if ledger["oldest_pending_seconds"] > limit:
             warnings.append(
-                f"{redis_state['ledger_stream_backlog']} usage events wait in the ledger stream: "
-                "are Celery workers (`celery -A limiter_site worker`) and the database up?"
+                f"the oldest usage event has waited {ledger['oldest_pending_seconds']:.0f} s "
+                "to reach the database: are Celery workers (`celery -A limiter_site worker`) "
+                "and the database up?"
             )
+        backlog = ledger["stream_backlog"] or 0
+        last_drain = ledger["last_drain_seconds_ago"]
+        if backlog and (last_drain is None or last_drain > limit):
+            warnings.append(
+                f"{backlog} usage events wait in the ledger stream and no worker has drained it "
+                + ("yet" if last_drain is None else f"for {last_drain:.0f} s")
+            )
+        elif backlog > LEDGER_BACKLOG_WARNING:
+            warnings.append(f"{backlog} usage events wait in the ledger stream")
         if self.ledger.pending > LEDGER_BACKLOG_WARNING:
-            warnings.append(f"{self.ledger.pending} usage events wait in this gateway's queue")
+            warnings.append(f"{self.ledger.pending} usage events wait in this gateway's spool")
+        if ledger["dead_letters"]:
+            warnings.append(
+                f"{ledger['dead_letters']} usage events could not be written: see the ledger's "
+                "dead letters in the admin, fix the cause, replay them"
+            )
+        if redis_state.get("persistence_problem"):
+            warnings.append(redis_state["persistence_problem"])
         if not models:
             warnings.append(
                 "no served models configured: run `manage.py import_config config/*.yaml`"
@@ -115,14 +154,48 @@ class Readiness:
             return {"ok": None, "mode": "embedded (REDIS_URL not set)"}
         client = self._redis_client()
 
-        async def backlog() -> dict[str, Any]:
+        async def ledger_stream_state() -> dict[str, Any]:
             # Usage events appended by gateways and not yet written by a Celery worker.
-            return {"ledger_stream_backlog": int(await client.xlen(settings.LEDGER_STREAM))}
+            pipe = client.pipeline(transaction=False)
+            pipe.xlen(settings.LEDGER_STREAM)
+            pipe.xrange(settings.LEDGER_STREAM, count=1)
+            pipe.get(ledger_stream.drained_key())
+            backlog, first, drained_at = await pipe.execute()
+            now = time.time()
+            state: dict[str, Any] = {
+                "ledger_stream_backlog": int(backlog),
+                "oldest_entry_seconds": ledger_stream.oldest_age(
+                    first[0][0] if first else None, now
+                ),
+                "last_drain_seconds_ago": round(now - float(drained_at), 3) if drained_at else None,
+            }
+            problem = await self._persistence_problem(client)
+            if problem:
+                state["persistence_problem"] = problem
+            return state
 
-        return await _timed(backlog)
+        return await _timed(ledger_stream_state)
+
+    async def _persistence_problem(self, client: Any) -> str | None:
+        if settings.LEDGER_REDIS_PERSISTENCE == "trust":
+            return None
+        import redis
+
+        try:
+            config = await client.config_get("appendonly")
+        except redis.ResponseError as exc:  # CONFIG renamed or disabled (managed Redis)
+            return ledger_stream.unverifiable(exc)
+        return ledger_stream.persistence_problem(config)
+
+    async def close(self) -> None:
+        client, self._redis = self._redis, None
+        if client is not None and self._redis_loop is asyncio.get_running_loop():
+            await client.aclose()
 
     def _redis_client(self) -> Any:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         loop = asyncio.get_running_loop()
         if self._redis is None or self._redis_loop is not loop:
@@ -132,6 +205,7 @@ class Readiness:
                 socket_timeout=CHECK_TIMEOUT,
                 socket_connect_timeout=CHECK_TIMEOUT,
                 max_connections=2,
+                retry=Retry(NoBackoff(), 0),  # a check reports what it sees; it does not retry
             )
             self._redis_loop = loop
         return self._redis
@@ -159,19 +233,19 @@ async def _timed(check: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
     return result
 
 
-_ping_in_flight: concurrent.futures.Future[None] | None = None
+_ping_in_flight: concurrent.futures.Future[dict[str, Any]] | None = None
 
 
-async def _ping_database() -> None:
-    """SELECT 1 on the health thread; while a ping hangs (a hung database), later checks wait
-    for that one instead of queueing a new ping a second behind it."""
+async def _ping_database() -> dict[str, Any]:
+    """One query on the health thread; while it hangs (a hung database), later checks wait for
+    that one instead of queueing a new one a second behind it."""
     global _ping_in_flight
     if _ping_in_flight is None or _ping_in_flight.done():
         _ping_in_flight = _health_db.submit(_ping)
-    await asyncio.wrap_future(_ping_in_flight)
+    return await asyncio.wrap_future(_ping_in_flight)
 
 
-def _ping() -> None:
+def _ping() -> dict[str, Any]:
+    # The ping is a useful query: dead letters waiting for a replay (an indexed count).
     close_old_connections()
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
+    return {"dead_letters": LedgerDeadLetter.objects.filter(replayed_at__isnull=True).count()}

@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import logging
 import math
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
 
 from gateway import metrics
 from gateway.errors import GatewayError
+from gateway.ledger import Interrupted
 from quotas.limiter import (
     COOLDOWN,
     PARALLEL,
@@ -31,6 +33,8 @@ from quotas.limiter import (
     ratelimit_headers,
     system_clock,
 )
+from quotas.models import LIMIT_FIELDS
+from quotas.models import Limits as PlanLimits
 from quotas.services import KeyGrant
 
 log = logging.getLogger(__name__)
@@ -50,7 +54,11 @@ def make_backend() -> Backend:
         from quotas.limiter_redis import RedisBackend
 
         return RedisBackend(
-            settings.REDIS_URL, settings.LIMITER_REDIS_TIMEOUT, settings.LIMITER_REDIS_PREFIX
+            settings.REDIS_URL,
+            settings.LIMITER_REDIS_CONNECT_TIMEOUT,
+            settings.LIMITER_REDIS_PREFIX,
+            reply_timeout=settings.LIMITER_REDIS_REPLY_TIMEOUT,
+            pool_size=settings.LIMITER_REDIS_POOL_SIZE,
         )
     from quotas.limiter_memory import MemoryBackend
 
@@ -103,6 +111,32 @@ class Limits:
         self._ensure_renewer()
         return decision
 
+    def held_scopes(self, rid: str) -> list[list[Any]]:
+        """The scopes holding `rid`'s reservation, as the write-ahead log keeps them."""
+        return [[scope.key, *_limit_values(scope.limits)] for scope in self.active.get(rid, ())]
+
+    async def release_interrupted(self, closed: list[Interrupted]) -> None:
+        """Settle requests of a dead gateway (closed by spool adoption) at what they were charged:
+        their parallel slots and the unused part of their reservations come back now, not when
+        their leases run out."""
+        now = self.clock()
+        day = Day.at(now, self.zone)
+        for request in closed:
+            scopes = [Scope(key, PlanLimits(*values)) for key, *values in request.scopes]
+            if not scopes:
+                continue  # admitted without a reservation (Redis was down, policy `open`)
+            try:
+                await self.backend.settle(scopes, request.request_id, request.charged, now, day)
+            except (LimiterUnavailable, TypeError, ValueError) as exc:
+                log.error("could not release interrupted %s: %s", request.request_id, exc)
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            await close()
+
     async def settle(self, grant: KeyGrant, rid: str, tokens: int) -> None:
         scopes = self.active.pop(rid, None) or self.scopes(grant)
         now = self.clock()
@@ -122,6 +156,10 @@ class Limits:
             await asyncio.sleep(self.lease / 3)
             with contextlib.suppress(LimiterUnavailable):
                 await self.backend.renew(dict(self.active), self.clock(), self.lease)
+
+
+def _limit_values(limits: PlanLimits) -> list[int]:
+    return [getattr(limits, name) for name in LIMIT_FIELDS]
 
 
 def refusal(decision: Decision, model: str) -> GatewayError:

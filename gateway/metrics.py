@@ -77,6 +77,16 @@ LEDGER_STREAM_BACKLOG = Gauge(
     "Usage events in the Redis ledger stream, not yet written to the database by Celery.",
     multiprocess_mode="mostrecent",
 )
+LEDGER_OLDEST_PENDING = Gauge(
+    "gateway_ledger_oldest_pending_seconds",
+    "Age of the oldest usage event not yet in the database (this gateway's spool or the stream).",
+    multiprocess_mode="max",
+)
+LEDGER_DEAD_LETTERS = Gauge(
+    "gateway_ledger_dead_letters",
+    "Usage events the ledger could not write, waiting in the dead-letter table for a replay.",
+    multiprocess_mode="mostrecent",
+)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -22,7 +22,7 @@ from gateway.asgi_io import SSE_HEADERS, Headers, Receive, Responder
 from gateway.caches import ModelInfo
 from gateway.counting import Counters
 from gateway.errors import GatewayError, error_body, rewrite_upstream_error
-from gateway.ledger import LedgerWriter, UsageEvent
+from gateway.ledger import LedgerWriter, OpenRequest, UsageEvent
 from gateway.limits import Limits
 from gateway.sse import EventSplitter, StreamAccount, Usage, response_usage
 from gateway.upstream import Upstream, timed_out, timeouts, unreachable
@@ -69,9 +69,12 @@ class Proxy:
 
     async def run(self, call: Call, receive: Receive, out: Responder) -> None:
         """Relay the call while watching for the client leaving; always settles and records."""
-        relay = asyncio.ensure_future(self._relay(call, out, call.headers))
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        self.ledger.open(self._written_ahead(call))
+        relay: asyncio.Future[None] | None = None
+        watcher: asyncio.Future[None] | None = None
         try:
+            relay = asyncio.ensure_future(self._relay(call, out, call.headers))
+            watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
             await asyncio.wait({relay, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not relay.done():
                 call.client_disconnected = True
@@ -80,11 +83,32 @@ class Proxy:
                     await relay
             else:
                 relay.result()  # re-raise errors from the relay
+        except Exception:
+            # A bug of ours: the client gets a 500 (app.py), unless a stream had started, and
+            # the row says so rather than status 0.
+            if not out.started:
+                call.status = 500
+            call.error_type = call.error_type or "server_error"
+            raise
         finally:
-            watcher.cancel()
-            if not relay.done():
+            if watcher is not None:
+                watcher.cancel()
+            if relay is not None and not relay.done():
                 relay.cancel()
             await self._settle(call)
+
+    def _written_ahead(self, call: Call) -> OpenRequest:
+        return OpenRequest(
+            request_id=call.request_id,
+            user_id=call.grant.user_id,
+            key_id=call.grant.key_id,
+            model=call.model.name,
+            endpoint=call.endpoint,
+            streamed=call.streamed,
+            started_at=call.started_at,
+            prompt_tokens=call.prompt_count,
+            scopes=self.limits.held_scopes(call.request_id),
+        )
 
     async def _relay(self, call: Call, out: Responder, headers: Headers) -> None:
         url = f"{call.model.upstream_url}/v1/{call.endpoint}"
@@ -127,6 +151,8 @@ class Proxy:
         await out.start(200, [*SSE_HEADERS, *headers])
         splitter = EventSplitter()
         account = StreamAccount()
+        every = self.ledger.checkpoint_seconds
+        checkpoint = time.monotonic() + every
         try:
             async for chunk in response.content.iter_any():
                 for event in splitter.feed(chunk):
@@ -134,6 +160,15 @@ class Proxy:
                         call.ttft_ms = call.elapsed_ms()
                     if account.inspect(event) or call.client_wants_usage:
                         await out.body(event + b"\n\n", more=True)
+                if time.monotonic() >= checkpoint:
+                    # What a crash of this process would bill (gateway/ledger.py).
+                    checkpoint = time.monotonic() + every
+                    # An upstream that reports usage on every chunk (SGLang's
+                    # continuous_usage_stats) is exact; otherwise the pieces, a lower bound.
+                    so_far = account.usage.completion_tokens if account.usage else 0
+                    self.ledger.progress(
+                        call.request_id, max(so_far, account.output_pieces()), True
+                    )
             rest = splitter.rest()
             if rest.strip() and (account.inspect(rest) or call.client_wants_usage):
                 await out.body(rest + b"\n\n", more=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,8 @@ class StreamAccount:
     content_events: list[bytes] = field(default_factory=list)
     saw_done: bool = False
     error: str = ""
+    _counted: int = 0  # content events already looked at by output_pieces
+    _pieces: int = 0
 
     def inspect(self, event: bytes) -> bool:
         """Record the event; returns False for a usage-only chunk (the caller may drop it)."""
@@ -94,20 +97,33 @@ class StreamAccount:
         """The text of every choice, for counting when the upstream reported no usage."""
         pieces: list[str] = []
         for event in self.content_events:
-            payload = _payload(event)
-            if not payload:
-                continue
-            for choice in payload.get("choices") or ():
-                if not isinstance(choice, dict):
-                    continue
-                delta = choice.get("delta")
-                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-                if isinstance(text, str):
-                    pieces.append(text)
-                reasoning = delta.get("reasoning_content") if isinstance(delta, dict) else None
-                if isinstance(reasoning, str):
-                    pieces.append(reasoning)
+            pieces.extend(_texts(_payload(event)))
         return "".join(pieces)
+
+    def output_pieces(self) -> int:
+        """Non-empty text pieces streamed so far: a lower bound of the tokens generated (SGLang
+        sends each decoded token as its own piece, or several in one). Parses only the events
+        since the last call: the write-ahead checkpoint asks every few seconds."""
+        for event in self.content_events[self._counted :]:
+            self._pieces += sum(1 for text in _texts(_payload(event)) if text)
+        self._counted = len(self.content_events)
+        return self._pieces
+
+
+def _texts(payload: dict[str, Any] | None) -> Iterator[str]:
+    """The generated text pieces of one chunk: content (or completion text) and reasoning."""
+    if not payload:
+        return
+    for choice in payload.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if isinstance(text, str):
+            yield text
+        reasoning = delta.get("reasoning_content") if isinstance(delta, dict) else None
+        if isinstance(reasoning, str):
+            yield reasoning
 
 
 def _payload(event: bytes) -> dict[str, Any] | None:

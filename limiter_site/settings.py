@@ -247,6 +247,12 @@ LEDGER_STREAM = env_str("LEDGER_STREAM", "ledger:events")
 # A worker that took entries and died: after this long another worker writes them.
 LEDGER_CLAIM_IDLE_SECONDS = env_float("LEDGER_CLAIM_IDLE_SECONDS", 30.0, minimum=0.1)
 LEDGER_DRAIN_SECONDS = env_float("LEDGER_DRAIN_SECONDS", 1.0, minimum=0.1)
+# Readiness warns when a usage event has waited longer than this to reach the database.
+LEDGER_PENDING_WARNING_SECONDS = env_float("LEDGER_PENDING_WARNING_SECONDS", 60.0, minimum=1.0)
+# Events in the stream must survive a Redis restart: "require" checks `appendonly yes`
+# (CONFIG GET) at start and in readiness; "trust" is for a managed Redis that persists but
+# hides CONFIG.
+LEDGER_REDIS_PERSISTENCE = env_choice("LEDGER_REDIS_PERSISTENCE", "require", ("require", "trust"))
 CELERY_BEAT_SCHEDULE = {
     "drain-ledger": {"task": "quotas.tasks.drain_ledger", "schedule": LEDGER_DRAIN_SECONDS},
     "scrape-sglang": {
@@ -306,6 +312,12 @@ GATEWAY_LEDGER_FLUSH_SECONDS = env_float("GATEWAY_LEDGER_FLUSH_SECONDS", 0.5, mi
 GATEWAY_LEDGER_MAX_PENDING = env_int("GATEWAY_LEDGER_MAX_PENDING", 1_000_000, minimum=100)
 # Usage events are spooled here (one file per process) until shipped: a crash loses none.
 LEDGER_SPOOL_DIR = Path(env_str("LEDGER_SPOOL_DIR", str(VAR_DIR / "ledger-spool")))
+# A stream's output so far is written ahead this often: what a gateway killed mid-stream bills.
+GATEWAY_LEDGER_CHECKPOINT_SECONDS = env_float(
+    "GATEWAY_LEDGER_CHECKPOINT_SECONDS", 2.0, minimum=0.05
+)
+# How often a gateway looks for spools of dead gateways on its host (and once at start).
+GATEWAY_LEDGER_ADOPT_SECONDS = env_float("GATEWAY_LEDGER_ADOPT_SECONDS", 10.0, minimum=0.1)
 
 # Per-user labels on the gateway's Prometheus series: off, as users are unbounded.
 GATEWAY_METRICS_PER_USER = env_bool("GATEWAY_METRICS_PER_USER", False)
@@ -315,7 +327,13 @@ GATEWAY_METRICS_PER_USER = env_bool("GATEWAY_METRICS_PER_USER", False)
 LIMITER_TIME_ZONE = env_str("LIMITER_TIME_ZONE", "Asia/Seoul")
 # Redis down: "closed" refuses with 503, "open" admits and logs. Decided within the timeout.
 LIMITER_ON_REDIS_FAILURE = env_choice("LIMITER_ON_REDIS_FAILURE", "closed", ("closed", "open"))
-LIMITER_REDIS_TIMEOUT = env_float("LIMITER_REDIS_TIMEOUT", 0.25, minimum=0.01)
+# Redis unreachable (refused, reset, no route) fails at once or within the connect timeout; a
+# Redis that answers slowly (a burst, a busy event loop) gets the longer reply timeout.
+LIMITER_REDIS_CONNECT_TIMEOUT = env_float("LIMITER_REDIS_CONNECT_TIMEOUT", 0.5, minimum=0.01)
+LIMITER_REDIS_REPLY_TIMEOUT = env_float("LIMITER_REDIS_REPLY_TIMEOUT", 2.0, minimum=0.01)
+# Connections per gateway process; a burst beyond it waits for a free one (within the reply
+# timeout) instead of failing.
+LIMITER_REDIS_POOL_SIZE = env_int("LIMITER_REDIS_POOL_SIZE", 64, minimum=1)
 # Lets several deployments (or test runs) share one Redis without sharing counters.
 LIMITER_REDIS_PREFIX = env_str("LIMITER_REDIS_PREFIX", "lim")
 # A reservation's lease: renewed every third of it while the request runs; a dead gateway's

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.auth.models import User
 from django.core.paginator import Paginator
 from django.db import connections, models
@@ -16,7 +16,8 @@ from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
 from gateway.models import ServedModel
-from quotas.models import LIMIT_FIELDS, Plan, UsageRecord, UserQuota
+from quotas.models import LIMIT_FIELDS, LedgerDeadLetter, Plan, UsageRecord, UserQuota
+from quotas.services import replay_dead_letters
 
 
 @admin.register(Plan)
@@ -211,3 +212,45 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(LedgerDeadLetter)
+class LedgerDeadLetterAdmin(admin.ModelAdmin):
+    """Usage events the ledger could not write: the raw event and the error, and a replay."""
+
+    list_display = ("created_at", "request_id", "source", "short_error", "replayed_at")
+    list_filter = (("replayed_at", admin.EmptyFieldListFilter), "source")
+    search_fields = ("=request_id",)
+    readonly_fields = (
+        "created_at", "source", "request_id", "raw", "error", "replayed_at", "replayed_by",
+    )  # fmt: skip
+    list_select_related = ("replayed_by",)
+    ordering = ("-created_at",)
+    actions = ["replay"]
+
+    @admin.display(description=_("error"))
+    def short_error(self, letter: LedgerDeadLetter) -> str:
+        return letter.error[:120]
+
+    @admin.action(
+        description=_("Replay the selected events into the ledger"), permissions=["replay"]
+    )
+    def replay(self, request: HttpRequest, queryset: QuerySet[LedgerDeadLetter]) -> None:
+        assert isinstance(request.user, User)
+        replayed, failed = replay_dead_letters(request.user, queryset)
+        self.message_user(
+            request,
+            _("%(replayed)d replayed, %(failed)d still failing.")
+            % {"replayed": replayed, "failed": failed},
+            messages.SUCCESS if not failed else messages.WARNING,
+        )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_replay_permission(self, request: HttpRequest) -> bool:
+        # Changes the ledger: for those allowed to change dead letters (superusers, or given).
+        return request.user.has_perm("quotas.change_ledgerdeadletter")

@@ -1,8 +1,14 @@
 """The Redis limiter backend: every gateway replica shares one state, one round trip a decision.
 
-Each call runs quotas/limiter.lua (EVALSHA) with a short socket timeout, so a dead Redis is
-noticed within LIMITER_REDIS_TIMEOUT and reported as LimiterUnavailable; redis-py reconnects
-on the next call, so recovery needs no restart.
+Each call runs quotas/limiter.lua (EVALSHA) over a pooled connection. Two deadlines, because
+two different things go wrong: a Redis that cannot be reached (refused, reset: at once; no
+route: LIMITER_REDIS_CONNECT_TIMEOUT) is reported as LimiterUnavailable fast, while a reply
+that is merely slow (a burst; an event loop busy on a loaded machine, which delays every
+timer) gets LIMITER_REDIS_REPLY_TIMEOUT. A single short timeout for both turned healthy bursts
+into 503s. The pool is bounded and blocking: a burst beyond it waits for a free connection
+within the reply deadline (redis-py's default pool raised MaxConnectionsError instead).
+A connection broken by a Redis restart is replaced on its first use, so recovery needs no
+restart.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, RedisError
 
 from quotas.limiter import Day, Decision, LimiterUnavailable, Scope, WindowState, merge_states
 
@@ -40,12 +48,29 @@ def scope_args(scope: Scope) -> list[int]:
 
 
 class RedisBackend:
-    def __init__(self, url: str, timeout: float = 0.25, prefix: str = "lim") -> None:
-        self.timeout = timeout
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: float = 0.5,
+        prefix: str = "lim",
+        *,
+        reply_timeout: float = 2.0,
+        pool_size: int = 64,
+    ) -> None:
         self.prefix = prefix
-        self.client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        # Waiting for a free connection, connecting and the reply share one deadline.
+        self.deadline = connect_timeout + reply_timeout
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=reply_timeout,
+            socket_timeout=reply_timeout,
+            socket_connect_timeout=connect_timeout,
+            # A pooled connection that broke while Redis restarted fails on first use: one
+            # immediate retry on a fresh connection. Timeouts are not retried (the bound).
+            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
         )
+        self.client = aioredis.Redis(connection_pool=pool)
         self.script = self.client.register_script(LUA)
 
     async def _run(
@@ -63,7 +88,7 @@ class RedisBackend:
         args.append(len(scopes))
         args.extend(a for scope in scopes for a in scope_args(scope))
         try:
-            return await asyncio.wait_for(self.script(keys=keys, args=args), self.timeout * 2)
+            return await asyncio.wait_for(self.script(keys=keys, args=args), self.deadline)
         except (RedisError, OSError, TimeoutError) as exc:
             raise LimiterUnavailable(f"{exc.__class__.__name__}: {exc}") from exc
 
@@ -99,6 +124,7 @@ class RedisBackend:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.client.connection_pool.disconnect()
 
 
 def _text(value: Any) -> str:

@@ -139,6 +139,8 @@ class UsageSource(models.TextChoices):
     UPSTREAM = "upstream", _("reported by the upstream")
     GATEWAY = "gateway", _("counted by the gateway")
     NONE = "none", _("nothing generated")
+    # The gateway died mid-request: prompt and the output its last checkpoint saw.
+    CHECKPOINT = "checkpoint", _("last checkpoint (gateway interrupted)")
 
 
 class UsageRecord(models.Model):
@@ -196,3 +198,34 @@ class UsageRecord(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+class LedgerDeadLetter(models.Model):
+    """A usage event the ledger could not write, kept with its error instead of blocking the rest.
+
+    Written by quotas.services.record_usage_rows, replayed by replay_dead_letters (an admin
+    action) once the cause is fixed.
+    """
+
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    source = models.CharField(_("source"), max_length=20)
+    request_id = models.CharField(_("request id"), max_length=64, blank=True, db_index=True)
+    raw = models.TextField(_("raw event"))
+    error = models.TextField(_("error"))
+    replayed_at = models.DateTimeField(_("replayed"), null=True, blank=True)
+    replayed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("replayed by"),
+    )
+
+    class Meta:
+        verbose_name = _("ledger dead letter")
+        verbose_name_plural = _("ledger dead letters")
+        indexes = [models.Index(fields=["replayed_at", "created_at"])]
+
+    def __str__(self) -> str:
+        return self.request_id or f"#{self.pk}"

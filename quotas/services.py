@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db import connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
+from django.db.models import QuerySet
+from django.utils import timezone
 
 from accounts.models import ApiKey
 from accounts.services import KEY_LIMIT_FIELDS
-from quotas.models import LIMIT_FIELDS, Limits, Plan, UsageRecord, UserQuota
+from quotas.ledger_rows import (
+    API_KEY_ID,
+    FINISHED_AT,
+    LEDGER_COLUMNS,
+    STARTED_AT,
+    BadRow,
+    clean_row,
+    request_id_of,
+    text,
+)
+from quotas.models import LIMIT_FIELDS, LedgerDeadLetter, Limits, Plan, UsageRecord, UserQuota
 from quotas.request_policy import RequestAccess, user_cache_salt
 
+log = logging.getLogger(__name__)
 DEFAULT_PLAN_NAME = "default"
 NO_EXTRAS = RequestAccess()
 
@@ -122,64 +138,154 @@ def _plan_limits(plan: Plan) -> Limits:
     )
 
 
-# Column order of the tuples `record_usage_rows` takes.
-LEDGER_COLUMNS = (
-    "request_id",
-    "user_id",
-    "api_key_id",
-    "model",
-    "endpoint",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "estimated_prompt_tokens",
-    "usage_source",
-    "status_code",
-    "error_type",
-    "streamed",
-    "client_disconnected",
-    "started_at",
-    "finished_at",
-    "upstream_latency_ms",
-    "time_to_first_token_ms",
-)
+# What a bad row (not a down database) raises: such a row is dead-lettered, the rest written.
+# ProgrammingError is not here: a missing column is a deploy in progress, and rows wait for it.
+POISON = (DataError, IntegrityError, ValueError, TypeError, OverflowError)
+RAW_LIMIT = 64 * 1024  # characters of a dead letter's raw event kept
 
 
-def record_usage_rows(rows: list[tuple[Any, ...]]) -> None:
+@dataclass(frozen=True, slots=True)
+class DeadRow:
+    raw: Any  # what arrived: a row, or the text that was not one
+    error: str
+
+
+def parse_row(payload: bytes | str) -> Any:
+    """A transported row (JSON), or a DeadRow holding the text if it is not JSON."""
+    try:
+        return json.loads(payload)
+    except ValueError as exc:
+        shown = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+        return DeadRow(shown, f"not JSON: {exc}")
+
+
+def record_usage_lines(lines: Sequence[bytes | str], source: str) -> int:
+    """Rows as transported (JSON text): `record_usage_rows`, with what is not JSON dead-lettered."""
+    parsed = [parse_row(line) for line in lines]
+    rows = [row for row in parsed if not isinstance(row, DeadRow)]
+    return record_usage_rows(rows, source, [row for row in parsed if isinstance(row, DeadRow)])
+
+
+def record_usage_rows(
+    raw_rows: Sequence[Any], source: str, unreadable: Sequence[DeadRow] = ()
+) -> int:
     """Write a batch of ledger rows and the keys' last use, in one transaction.
 
-    Rows are tuples in LEDGER_COLUMNS order with started_at/finished_at as epoch seconds (the
-    form the gateway queues and the Redis stream carries). A request id already present is
-    skipped, so a replayed batch inserts nothing twice. Raw SQL rather than bulk_create:
-    building model instances cost ~45 ms of CPU per 1,000 rows.
+    Rows are in LEDGER_COLUMNS order with started_at/finished_at as epoch seconds (the form
+    the spool and the Redis stream carry), cleaned here again (quotas/ledger_rows.py). A
+    request id already present is skipped, so a replayed batch inserts nothing twice. If the
+    batch fails on its data, each row is tried alone and the ones that still fail go to the
+    dead letters (`source` says which path they came by); a database that is down raises, and
+    the caller keeps the batch. `unreadable` are entries that were not even JSON: they are
+    dead-lettered in the same transaction. Returns how many rows were dead-lettered.
     """
-    from accounts.services import touch_last_used
+    rows: list[tuple[Any, ...]] = []
+    dead: list[DeadRow] = list(unreadable)
+    for raw in raw_rows:
+        try:
+            rows.append(clean_row(raw, time.time))
+        except BadRow as exc:
+            dead.append(DeadRow(raw, str(exc)))
+    with transaction.atomic():
+        try:
+            with transaction.atomic():
+                _insert(rows)
+            written = rows
+        except POISON:
+            written, failed = _insert_one_by_one(rows)
+            dead.extend(failed)
+        _touch_keys(written)
+        bury(dead, source)
+    return len(dead)
 
-    key_at, started, finished = (
-        LEDGER_COLUMNS.index("api_key_id"),
-        LEDGER_COLUMNS.index("started_at"),
-        LEDGER_COLUMNS.index("finished_at"),
-    )
+
+def _insert(rows: list[tuple[Any, ...]]) -> None:
+    # Raw SQL rather than bulk_create: building model instances cost ~45 ms of CPU per 1,000
+    # rows. executemany: parsed once, then pipelined by psycopg 3 (one multi-row VALUES
+    # statement cost more, in psycopg's query conversion, than it saved in round trips).
+    if not rows:
+        return
     adapt = connection.ops.adapt_datetimefield_value
     params = [
         (
-            *row[:started],
-            adapt(_aware(row[started])),
-            adapt(_aware(row[finished])),
-            *row[finished + 1 :],
+            *row[:STARTED_AT],
+            adapt(_aware(row[STARTED_AT])),
+            adapt(_aware(row[FINISHED_AT])),
+            *row[FINISHED_AT + 1 :],
         )
         for row in rows
     ]
+    with connection.cursor() as cursor:
+        cursor.executemany(LEDGER_INSERT_SQL, params)
+
+
+def _insert_one_by_one(
+    rows: list[tuple[Any, ...]],
+) -> tuple[list[tuple[Any, ...]], list[DeadRow]]:
+    written, dead = [], []
+    for row in rows:
+        try:
+            with transaction.atomic():  # a savepoint: one failure does not end the transaction
+                _insert([row])
+            written.append(row)
+        except POISON as exc:
+            dead.append(DeadRow(row, f"{exc.__class__.__name__}: {exc}"))
+    return written, dead
+
+
+def _touch_keys(rows: list[tuple[Any, ...]]) -> None:
+    from accounts.services import touch_last_used
+
     last_used: dict[int, float] = {}
     for row in rows:
-        if row[key_at] is not None:
-            last_used[row[key_at]] = max(row[started], last_used.get(row[key_at], 0.0))
-    # executemany: parsed once, then pipelined by psycopg 3 (one multi-row VALUES statement
-    # cost more, in psycopg's query conversion, than it saved in round trips).
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.executemany(LEDGER_INSERT_SQL, params)
-        touch_last_used({key_id: _aware(when) for key_id, when in last_used.items()})
+        key_id = row[API_KEY_ID]
+        if key_id is not None:
+            last_used[key_id] = max(row[STARTED_AT], last_used.get(key_id, 0.0))
+    touch_last_used({key_id: _aware(when) for key_id, when in last_used.items()})
+
+
+def bury(dead: list[DeadRow], source: str) -> None:
+    """Keep rows that cannot be written, with why, for an operator to look at and replay."""
+    if not dead:
+        return
+    for row in dead:
+        log.error("ledger: dead-lettered %r: %s", request_id_of(row.raw), row.error[:300])
+    LedgerDeadLetter.objects.bulk_create(
+        LedgerDeadLetter(
+            source=text(source, 20),
+            request_id=request_id_of(row.raw),
+            # ASCII JSON: a NUL or a lone surrogate is escaped, so the letter itself always fits.
+            raw=json.dumps(row.raw, ensure_ascii=True, default=repr)[:RAW_LIMIT],
+            error=text(row.error, 2000),
+        )
+        for row in dead
+    )
+
+
+def replay_dead_letters(actor: User, letters: QuerySet[LedgerDeadLetter]) -> tuple[int, int]:
+    """Write dead-lettered events again (after a fix); returns (replayed, still failing).
+
+    Each letter that is written is marked with who replayed it and when; one that fails again
+    keeps its place with the new error.
+    """
+    replayed = failed = 0
+    for letter in letters.filter(replayed_at__isnull=True).order_by("pk"):
+        try:
+            row = clean_row(json.loads(letter.raw), time.time)
+            with transaction.atomic():
+                _insert([row])
+                _touch_keys([row])
+        except (BadRow, *POISON) as exc:
+            letter.error = text(f"{exc.__class__.__name__}: {exc}", 2000)
+            letter.save(update_fields=["error"])
+            failed += 1
+            continue
+        letter.replayed_at = timezone.now()
+        letter.replayed_by = actor
+        letter.save(update_fields=["replayed_at", "replayed_by"])
+        log.info("ledger: %s replayed dead letter %s", actor, letter.request_id or letter.pk)
+        replayed += 1
+    return replayed, failed
 
 
 def _aware(epoch: float) -> datetime:

@@ -32,6 +32,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         _missing("needs REDIS_URL=redis://…")
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_ledger_writer() -> Iterator[None]:
+    """Whatever starts a ledger writer closes it: a writer left running ships into whatever
+    database comes next (one once flushed into a dropped test database)."""
+    import threading
+
+    yield
+    leaked = [t for t in threading.enumerate() if t.name == "ledger-writer"]
+    assert not leaked, "a test left a ledger writer running: close() the writer or the gateway"
+
+
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     import redis
@@ -104,10 +115,27 @@ def private_redis_prefix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     spool = tmp_path_factory.mktemp("ledger-spool")
     os.environ["LEDGER_SPOOL_DIR"] = str(spool)
     settings.LEDGER_SPOOL_DIR = spool
+    if settings.REDIS_URL:
+        _require_redis_persistence()
     yield
     if settings.REDIS_URL:
         import redis
 
         connection = redis.Redis.from_url(settings.REDIS_URL)
         connection.delete(f"{prefix}:ledger")
+        connection.close()
+
+
+def _require_redis_persistence() -> None:
+    """Gateways refuse to be ready on a Redis without the append-only file (README,
+    "Production"); a test Redis without it is given it, for this server's lifetime only."""
+    import redis
+
+    connection = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        if connection.config_get("appendonly").get("appendonly") != b"yes":
+            connection.config_set("appendonly", "yes")
+    except redis.RedisError:
+        pass  # not reachable: the tests that need it say so (the redis_url fixture)
+    finally:
         connection.close()

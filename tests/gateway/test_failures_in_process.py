@@ -18,7 +18,7 @@ from gateway.asgi_io import Responder
 def gateway() -> Iterator[Gateway]:
     made = Gateway()
     yield made
-    made.ledger.flush()
+    asyncio.run(made.close())
 
 
 def call(gateway: Gateway, method: str, path: str, **kwargs: Any) -> httpx2.Response:
@@ -77,3 +77,87 @@ def test_error_messages_quoting_client_values_always_encode() -> None:
     body = errors.error_body("model `\ud800` " + "x" * 5000, "invalid_request_error", "\udfff")
     assert b"\\ud800" not in body
     assert len(body) < 2200
+
+
+@pytest.fixture
+def admitted(settings: Any, transactional_db: None) -> Iterator[tuple[Gateway, str]]:
+    """An in-process gateway (embedded ledger) with a served model and a key."""
+    from gateway.models import ServedModel
+    from tests.gateway.conftest import FAST_MODEL, make_user
+
+    settings.REDIS_URL = ""
+    ServedModel.objects.create(
+        name=FAST_MODEL, aliases=["korean-qwen"], upstream_url="http://127.0.0.1:9"
+    )
+    _, key = make_user("오류행")
+    made = Gateway()
+    yield made, key
+    asyncio.run(made.close())
+
+
+def rows_for(request_id: str) -> list[Any]:
+    from quotas.models import UsageRecord
+
+    return list(UsageRecord.objects.filter(request_id=request_id))
+
+
+@pytest.mark.parametrize("where", ["before the limiter", "after admission"])
+def test_a_bug_of_ours_is_one_500_row_and_a_500_with_the_request_id(
+    admitted: tuple[Gateway, str], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    from gateway.proxy import Proxy
+
+    gateway, key = admitted
+    if where == "before the limiter":
+        monkeypatch.setattr(Gateway, "_prepare", broken)
+    else:
+        monkeypatch.setattr(Proxy, "_relay", broken)
+    response = call(
+        gateway, "POST", "/v1/chat/completions",
+        json={"model": "korean-qwen", "messages": [{"role": "user", "content": "안녕"}]},
+        headers={"Authorization": f"Bearer {key}"},
+    )  # fmt: skip
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    request_id = response.headers["x-request-id"]
+    gateway.ledger.flush()
+    [row] = rows_for(request_id)
+    assert (row.status_code, row.error_type) == (500, "server_error")
+    assert row.completion_tokens == 0
+
+
+def test_the_last_resort_answer_carries_the_request_id(gateway: Gateway, monkeypatch) -> None:
+    gateway.routes["/v1/models"] = ("GET", broken)  # type: ignore[assignment]
+    monkeypatch.setattr(errors.GatewayError, "body", broken)
+    response = call(gateway, "GET", "/v1/models")
+    assert len(response.headers["x-request-id"]) == 32
+
+
+def test_a_client_gone_before_its_body_arrived_is_one_499_row(
+    admitted: tuple[Gateway, str],
+) -> None:
+    gateway, key = admitted
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"model": "korean-qwen", ', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/v1/chat/completions",
+        "headers": [(b"authorization", f"Bearer {key}".encode())],
+    }  # fmt: skip
+    asyncio.run(gateway(scope, receive, send))
+    assert sent == []  # nobody to answer
+    gateway.ledger.flush()
+    from quotas.models import UsageRecord
+
+    [row] = UsageRecord.objects.filter(error_type="client_closed")
+    assert row.status_code == 499 and row.prompt_tokens == 0

@@ -1,4 +1,5 @@
-"""Two gateway processes (uvicorn) sharing one Redis, 200 concurrent requests from one user.
+"""Two gateway processes (uvicorn) sharing one Redis, 200 concurrent requests from one user,
+while another process keeps every core busy.
 
 Nothing may overshoot: admitted tokens per 60 s ≤ TPM, admitted requests ≤ RPM, requests in
 flight at the upstream ≤ the parallel cap; afterwards Redis's counters equal the ledger's sums.
@@ -20,7 +21,7 @@ import pytest
 import redis
 
 from tests.gateway.conftest import FAST_MODEL, database_url_for_subprocess, gateway_args, make_user
-from tests.procs import free_port, ledger_worker, running, simulator
+from tests.procs import busy_cores, free_port, ledger_worker, running, simulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
@@ -74,7 +75,10 @@ def test_two_gateways_never_overshoot_and_counters_match_the_ledger(redis_url: s
             urls.append(f"http://127.0.0.1:{port}")
         httpx.post(f"{upstream}/sim/reset", timeout=5)
         started = time.monotonic()
-        results = asyncio.run(fire(urls, key))
+        # Another process keeps every core busy: the limiter must still refuse only by its
+        # limits (a loaded machine once turned slow Redis replies into 503s here).
+        with busy_cores():
+            results = asyncio.run(fire(urls, key))
         elapsed = time.monotonic() - started
         stats = httpx.get(f"{upstream}/sim/stats", timeout=5).json()
         admitted = [headers for status, headers in results if status == 200]

@@ -73,7 +73,7 @@ def make_gateway() -> Iterator[Any]:
 
     yield factory
     for gateway in made:
-        gateway.ledger.flush()  # before the test database goes away
+        run(gateway.close())  # ships the ledger before the test database goes away
 
 
 def client_for(gateway: Gateway, key: str, clock: FakeClock, **kwargs: Any) -> openai.AsyncOpenAI:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,12 +48,21 @@ def events(user_id: int, key_id: int, count: int) -> list[UsageEvent]:
     ]
 
 
-def writer(spool: Path, max_pending: int = 10_000) -> LedgerWriter:
-    return LedgerWriter(flush_seconds=3600, max_pending=max_pending, spool_dir=spool)
+@pytest.fixture
+def writer() -> Iterator[Callable[..., LedgerWriter]]:
+    made: list[LedgerWriter] = []
+
+    def make(spool: Path, max_pending: int = 10_000) -> LedgerWriter:
+        made.append(LedgerWriter(flush_seconds=3600, max_pending=max_pending, spool_dir=spool))
+        return made[-1]
+
+    yield make
+    for ledger in made:
+        ledger.close()
 
 
 def test_a_batch_is_written_once_with_constant_queries(
-    tmp_path: Path, django_assert_max_num_queries
+    writer: Callable[..., LedgerWriter], tmp_path: Path, django_assert_max_num_queries
 ) -> None:
     user, _ = get_or_create_user("원장")
     key, _ = create_api_key(user)
@@ -81,17 +91,19 @@ def test_a_batch_is_written_once_with_constant_queries(
     assert abs(key.last_used_at.timestamp() - batch[-1].started_at) < 1e-3
 
 
-def test_events_wait_on_disk_while_the_database_fails(tmp_path: Path, monkeypatch) -> None:
+def test_events_wait_on_disk_while_the_database_fails(
+    writer: Callable[..., LedgerWriter], tmp_path: Path, monkeypatch
+) -> None:
     user, _ = get_or_create_user("대기")
     key, _ = create_api_key(user)
     ledger = writer(tmp_path)
     for event in events(user.pk, key.pk, 5):
         ledger.record(event)
 
-    def broken(rows: object) -> None:
+    def broken(*args: object) -> None:
         raise RuntimeError("database down")
 
-    monkeypatch.setattr("quotas.services.record_usage_rows", broken)
+    monkeypatch.setattr("quotas.services.record_usage_lines", broken)
     with pytest.raises(RuntimeError):
         ledger.flush()
     assert ledger.pending == 5 and len(list(tmp_path.glob("*.ready"))) == 1
@@ -100,14 +112,16 @@ def test_events_wait_on_disk_while_the_database_fails(tmp_path: Path, monkeypatc
     assert ledger.pending == 0 and UsageRecord.objects.filter(user=user).count() == 5
 
 
-def test_the_spool_is_bounded(tmp_path: Path) -> None:
+def test_the_spool_is_bounded(writer: Callable[..., LedgerWriter], tmp_path: Path) -> None:
     ledger = writer(tmp_path, max_pending=100)
     for event in events(1, 1, 150):
         ledger.record(event)
     assert ledger.pending == 100 and ledger.dropped == 50
 
 
-def test_events_of_a_killed_process_are_shipped_by_the_next_one(tmp_path: Path) -> None:
+def test_events_of_a_killed_process_are_shipped_by_the_next_one(
+    writer: Callable[..., LedgerWriter], tmp_path: Path
+) -> None:
     user, _ = get_or_create_user("부활")
     key, _ = create_api_key(user)
     script = textwrap.dedent(
@@ -123,7 +137,7 @@ def test_events_of_a_killed_process_are_shipped_by_the_next_one(tmp_path: Path) 
             now = time.time()
             ledger.record(UsageEvent(f"killed-{{i}}", {user.pk}, {key.pk}, "m", "chat/completions",
                                      200, False, now, now, 1, 2))
-        ledger._spool._file.write('["torn')  # killed in the middle of a line
+        ledger._spool._file.write(b'["torn')  # killed in the middle of a line
         ledger._spool._file.flush()
         os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no flush
         """
@@ -132,12 +146,16 @@ def test_events_of_a_killed_process_are_shipped_by_the_next_one(tmp_path: Path) 
         [sys.executable, "-c", script], cwd=ROOT, env={"DEBUG": "1", "PATH": ""}, check=False
     )
     assert list(tmp_path.glob("*.open"))
-    assert writer(tmp_path).flush() == 250
+    adopter = writer(tmp_path)
+    assert adopter.adopt_dead() == []  # every request it opened had finished
+    assert adopter.flush() == 250
     assert UsageRecord.objects.filter(user=user).count() == 250
     assert all(path.stat().st_size == 0 for path in tmp_path.iterdir())  # only a fresh segment
 
 
-def test_writers_sharing_a_spool_ship_only_their_own_segments(tmp_path: Path) -> None:
+def test_writers_sharing_a_spool_ship_only_their_own_segments(
+    writer: Callable[..., LedgerWriter], tmp_path: Path
+) -> None:
     import os
     import socket
 

@@ -79,10 +79,10 @@ def test_a_database_failure_keeps_the_entries(stream: redis_lib.Redis, monkeypat
     user, rows = rows_for(30)
     ledger_stream.append_rows(stream, rows)
 
-    def down(rows: object) -> None:
+    def down(*args: object) -> None:
         raise RuntimeError("database down")
 
-    monkeypatch.setattr(ledger_stream, "record_usage_rows", down)
+    monkeypatch.setattr(ledger_stream, "record_usage_lines", down)
     with pytest.raises(RuntimeError):
         ledger_stream.drain()
     monkeypatch.undo()

@@ -99,7 +99,7 @@ def make(request: pytest.FixtureRequest) -> Iterator[object]:
         from quotas.limiter_redis import RedisBackend
 
         def backend_factory() -> RedisBackend:
-            return RedisBackend(settings.REDIS_URL, timeout=2.0)
+            return RedisBackend(settings.REDIS_URL, 2.0)
 
     def factory(limits_: Limits, key_limits: Limits | None = None) -> Harness:
         harness = Harness(backend_factory(), limits_, key_limits)
@@ -280,7 +280,7 @@ def test_backends_agree_on_a_random_workload() -> None:
         tokens_per_day=50_000, cooldown_minutes=1, max_parallel_requests=4,
     )  # fmt: skip
     memory = Harness(MemoryBackend(), shape)
-    redis_h = Harness(RedisBackend(settings.REDIS_URL, timeout=2.0), shape)
+    redis_h = Harness(RedisBackend(settings.REDIS_URL, 2.0), shape)
     redis_h.scopes = [Scope(memory.scopes[0].key, shape)]
     open_rids: list[str] = []
     now = T0

@@ -6,9 +6,7 @@ A private redis-server process is started, killed and restarted on the same port
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ from quotas.limiter import Day, LimiterUnavailable, Scope
 from quotas.limiter_redis import RedisBackend
 from quotas.models import Limits as PlanLimits
 from quotas.services import KeyGrant
-from tests.procs import free_port
+from tests.procs import RedisProcess, free_port
 
 pytestmark = pytest.mark.redis
 
@@ -36,43 +34,6 @@ GRANT = KeyGrant(
     expires_at=None,
     revoked=False,
 )
-
-
-class RedisProcess:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
 
 
 @pytest.fixture
@@ -95,7 +56,7 @@ def admit(backend: RedisBackend, now: float) -> Any:
 def test_dead_redis_is_reported_quickly_and_recovery_needs_no_restart(
     redis_process: RedisProcess,
 ) -> None:
-    backend = RedisBackend(f"redis://127.0.0.1:{redis_process.port}/0", timeout=0.2)
+    backend = RedisBackend(f"redis://127.0.0.1:{redis_process.port}/0", 0.2, reply_timeout=0.2)
     now = time.time()
     assert admit(backend, now).admitted
     redis_process.stop()
@@ -125,7 +86,9 @@ def test_a_redis_that_never_answers_is_bounded_by_the_timeout() -> None:
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        backend = RedisBackend(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", timeout=0.2)
+        backend = RedisBackend(
+            f"redis://127.0.0.1:{listener.getsockname()[1]}/0", 0.2, reply_timeout=0.2
+        )
         started = time.monotonic()
         with pytest.raises(LimiterUnavailable):
             admit(backend, time.time())
@@ -141,7 +104,7 @@ def test_a_redis_that_never_answers_is_bounded_by_the_timeout() -> None:
 @pytest.mark.parametrize("policy", ["closed", "open"])
 def test_policy_when_redis_is_down(policy: str, settings: Any) -> None:
     settings.LIMITER_ON_REDIS_FAILURE = policy
-    dead = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", timeout=0.1)
+    dead = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", 0.1, reply_timeout=0.1)
     limits = Limits(dead)
 
     async def scenario() -> Any:
