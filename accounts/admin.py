@@ -22,7 +22,6 @@ from accounts.services import (
     revoke_api_keys,
     update_api_key,
 )
-from quotas.admin import UserQuotaInline
 
 
 class YesNoFilter(admin.SimpleListFilter):
@@ -146,7 +145,7 @@ admin.site.unregister(User)
 
 @admin.register(User)
 class UserAdmin(DjangoUserAdmin):
-    inlines = (UserQuotaInline,)
+    """Django's user pages; the layers above add what they know (quotas/admin.py: the plan)."""
 
     def get_inlines(
         self, request: HttpRequest, obj: User | None

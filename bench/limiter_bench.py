@@ -28,10 +28,13 @@ import django  # noqa: E402
 django.setup()
 
 from bench.gateway_bench import write_section  # noqa: E402
-from quotas.limiter import Day, Scope  # noqa: E402
-from quotas.limiter_memory import MemoryBackend  # noqa: E402
-from quotas.limiter_redis import RedisBackend  # noqa: E402
-from quotas.models import Limits  # noqa: E402
+from tokenlimit.limiter import (  # noqa: E402
+    Day,
+    Limits,
+    Scope,
+)
+from tokenlimit.limiter_memory import MemoryBackend  # noqa: E402
+from tokenlimit.limiter_redis import RedisBackend  # noqa: E402
 
 ROOMY = Limits(10**9, 10**12, 10**12, 10**12, 0, 10**6)
 DAY = Day("20261124", 40_000.0)
@@ -79,7 +82,7 @@ def previous_redis_backend(url: str) -> RedisBackend:
     one 0.25 s timeout for connecting and for the reply."""
     import redis.asyncio as aioredis
 
-    from quotas.limiter_redis import LUA
+    from tokenlimit.limiter_redis import LUA
 
     backend = RedisBackend(url, 0.25, prefix="bench")
     backend.client = aioredis.Redis.from_url(
@@ -94,7 +97,7 @@ async def burst(backend: RedisBackend, count: int, busy_ms: float) -> int:
     """`count` admissions released at once on an event loop that is also busy (a callback
     burning `busy_ms` of CPU every 10 ms, as request handling does under load); returns how
     many failed as LimiterUnavailable (each a 503 to a client)."""
-    from quotas.limiter import LimiterUnavailable
+    from tokenlimit.limiter import LimiterUnavailable
 
     scopes = [Scope(f"u:burst-{uuid.uuid4().hex[:8]}", ROOMY)]
     loop = asyncio.get_running_loop()

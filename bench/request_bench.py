@@ -36,8 +36,8 @@ from transformers.utils import chat_template_utils  # noqa: E402
 
 from bench.gateway_bench import write_section  # noqa: E402
 from gateway.request_schema import CHAT, Context, validate  # noqa: E402
-from quotas.chat_templates import BudgetedEnvironment, budget  # noqa: E402
-from quotas.tokens import TokenizerCounter, get_counter  # noqa: E402
+from tokenlimit.chat_templates import BudgetedEnvironment, budget  # noqa: E402
+from tokenlimit.tokens import TokenizerCounter, get_counter  # noqa: E402
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 MESSAGES = [

@@ -30,7 +30,7 @@ import django  # noqa: E402
 django.setup()
 
 from bench.gateway_bench import write_section  # noqa: E402
-from quotas.tokens import EstimatingCounter, TokenCounter, get_counter  # noqa: E402
+from tokenlimit.tokens import EstimatingCounter, TokenCounter, get_counter  # noqa: E402
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 SYSTEM = "당신은 친절한 한국어 비서입니다. 짧고 정확하게 답하세요."
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
 
-    # As quotas.tokens does before its first import: never reach for a hub.
+    # As tokenlimit.tokens does before its first import: never reach for a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     started = time.perf_counter()

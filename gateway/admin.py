@@ -16,8 +16,9 @@ from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from gateway.models import ServedModel
+from quotas import admin as quotas_admin
 from quotas.models import UsageRecord
-from quotas.tokens import get_counter
+from tokenlimit.tokens import get_counter
 
 RECONCILIATION_DAYS = 7
 
@@ -126,3 +127,26 @@ class ServedModelAdmin(admin.ModelAdmin):
         if model.upstream_url:
             return model.upstream_url
         return gettext("SGLANG_URL (%(url)s)") % {"url": settings.SGLANG_URL}
+
+
+class ServedModelFilter(admin.SimpleListFilter):
+    # The model list comes from the small ServedModel table: a DISTINCT over the ledger would
+    # read all of it.
+    title = _("model")
+    parameter_name = "model"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        names = ServedModel.objects.order_by("name").values_list("name", flat=True)
+        return [(name, name) for name in names]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(model=self.value()) if self.value() else queryset
+
+
+# The ledger's admin (quotas/admin.py) with a filter by served model: this layer knows them.
+admin.site.unregister(UsageRecord)
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(quotas_admin.UsageRecordAdmin):
+    list_filter = (ServedModelFilter, *quotas_admin.UsageRecordAdmin.list_filter)  # type: ignore[assignment]

@@ -40,15 +40,15 @@ from gateway.embedded_beat import embedded_beat
 from gateway.errors import GatewayError, invalid
 from gateway.health import LIVE, Readiness
 from gateway.ledger import LedgerWriter, OpenRequest, UsageEvent
-from gateway.limits import Limits, make_backend
+from gateway.limits import GatewayLimiter, make_backend
 from gateway.preparation import Prepared, UpstreamTarget, prepare, tokenize
 from gateway.proxy import Call, Proxy
 from gateway.request_schema import CHAT, COMPLETIONS, TOKENIZE, Context, require_model, validate
 from gateway.stats import StatsPublisher
 from gateway.upstream import Upstream
-from quotas.limiter import Clock, ratelimit_headers, system_clock
 from quotas.services import KeyGrant
-from quotas.tokens import TokenCounter
+from tokenlimit.limiter import Clock, ratelimit_headers, system_clock
+from tokenlimit.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Gateway:
             settings.GATEWAY_LEDGER_CHECKPOINT_SECONDS,
         )
         self.upstream = Upstream()
-        self.limits = Limits(make_backend(), clock)
+        self.limits = GatewayLimiter(make_backend(), clock)
         self.proxy = Proxy(self.upstream, self.counters, self.ledger, self.limits)
         self.stats = StatsPublisher()
         self.readiness = Readiness(

@@ -1,8 +1,8 @@
 """Where a request's CPU work happens: parsing, checking, rendering and counting, off the loop.
 
 Every chat template renders and every prompt is tokenized on a worker thread, inside the chat
-template budget (quotas/chat_templates.py), so no request can stall the event loop that serves
-the others. Tokenizing releases the GIL (encode_batch, quotas/tokens.py), so the loop keeps
+template budget (tokenlimit/chat_templates.py), so no request can stall the event loop that serves
+the others. Tokenizing releases the GIL (encode_batch, tokenlimit/tokens.py), so the loop keeps
 running while a long prompt is counted.
 
 No client may hold up the others' preparation either. Small bodies (the many) are prepared on
@@ -31,9 +31,9 @@ from django.conf import settings
 from gateway.caches import ModelInfo
 from gateway.errors import GatewayError, invalid
 from gateway.request_schema import parse_json_object
-from quotas import chat_templates
-from quotas.chat_templates import TemplateBudgetExceeded
-from quotas.tokens import TokenCounter, get_counter
+from tokenlimit import chat_templates
+from tokenlimit.chat_templates import TemplateBudgetExceeded
+from tokenlimit.tokens import TokenCounter, get_counter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -6,7 +6,7 @@ nothing it wrote. Three kinds of line:
 - `{"open": …}` when a request is admitted (write-ahead): who, what was reserved, the limiter
   scopes to release;
 - `{"progress": …}` every GATEWAY_LEDGER_CHECKPOINT_SECONDS of a stream: output so far;
-- a ledger row (a JSON list, quotas/ledger_rows.py) when the request is finished.
+- a ledger row (a JSON list, tokenlimit/ledger_rows.py) when the request is finished.
 Every GATEWAY_LEDGER_FLUSH_SECONDS the writer thread seals the current segment (the new one
 starts with the open requests again, so a request's open line is always in an unshipped
 segment) and ships its rows: with REDIS_URL to the ledger stream (Celery's `drain_ledger`
@@ -45,7 +45,7 @@ import orjson
 from django.conf import settings
 from django.db import close_old_connections
 
-from quotas.ledger_rows import INTERRUPTED, clean_row
+from tokenlimit.ledger_rows import INTERRUPTED, clean_row
 
 log = logging.getLogger(__name__)
 BATCH_SIZE = 1000

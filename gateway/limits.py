@@ -16,8 +16,10 @@ from django.conf import settings
 from gateway import metrics
 from gateway.errors import GatewayError
 from gateway.ledger import Interrupted
-from quotas.limiter import (
+from quotas.services import KeyGrant
+from tokenlimit.limiter import (
     COOLDOWN,
+    LIMIT_FIELDS,
     PARALLEL,
     REQUESTS,
     TOKENS,
@@ -29,13 +31,11 @@ from quotas.limiter import (
     Day,
     Decision,
     LimiterUnavailable,
+    Limits,
     Scope,
     ratelimit_headers,
     system_clock,
 )
-from quotas.models import LIMIT_FIELDS
-from quotas.models import Limits as PlanLimits
-from quotas.services import KeyGrant
 
 log = logging.getLogger(__name__)
 MAX_RESERVATION = 2**48
@@ -51,7 +51,7 @@ WINDOW_NAMES = {
 
 def make_backend() -> Backend:
     if settings.REDIS_URL:
-        from quotas.limiter_redis import RedisBackend
+        from tokenlimit.limiter_redis import RedisBackend
 
         return RedisBackend(
             settings.REDIS_URL,
@@ -60,12 +60,12 @@ def make_backend() -> Backend:
             reply_timeout=settings.LIMITER_REDIS_REPLY_TIMEOUT,
             pool_size=settings.LIMITER_REDIS_POOL_SIZE,
         )
-    from quotas.limiter_memory import MemoryBackend
+    from tokenlimit.limiter_memory import MemoryBackend
 
     return MemoryBackend()
 
 
-class Limits:
+class GatewayLimiter:
     def __init__(self, backend: Backend, clock: Clock = system_clock) -> None:
         self.backend = backend
         self.clock = clock
@@ -122,7 +122,7 @@ class Limits:
         now = self.clock()
         day = Day.at(now, self.zone)
         for request in closed:
-            scopes = [Scope(key, PlanLimits(*values)) for key, *values in request.scopes]
+            scopes = [Scope(key, Limits(*values)) for key, *values in request.scopes]
             if not scopes:
                 continue  # admitted without a reservation (Redis was down, policy `open`)
             try:
@@ -158,7 +158,7 @@ class Limits:
                 await self.backend.renew(dict(self.active), self.clock(), self.lease)
 
 
-def _limit_values(limits: PlanLimits) -> list[int]:
+def _limit_values(limits: Limits) -> list[int]:
     return [getattr(limits, name) for name in LIMIT_FIELDS]
 
 

@@ -19,10 +19,10 @@ from django.conf import settings
 
 from gateway.errors import invalid
 from gateway.request_schema import CHAT, Context, ValidRequest, validate
-from quotas.chat_templates import TemplateBudgetExceeded
-from quotas.limiter import COMPLETIONS_DEFAULT_MAX_TOKENS, CompletionBudget, completion_budget
 from quotas.request_policy import RequestAccess
-from quotas.tokens import TokenCounter, TokenizerCounter, sglang_template_kwargs
+from tokenlimit.chat_templates import TemplateBudgetExceeded
+from tokenlimit.limiter import COMPLETIONS_DEFAULT_MAX_TOKENS, CompletionBudget, completion_budget
+from tokenlimit.tokens import TokenCounter, TokenizerCounter, sglang_template_kwargs
 
 log = logging.getLogger(__name__)
 

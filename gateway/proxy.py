@@ -23,7 +23,7 @@ from gateway.caches import ModelInfo
 from gateway.counting import Counters
 from gateway.errors import GatewayError, error_body, rewrite_upstream_error
 from gateway.ledger import LedgerWriter, OpenRequest, UsageEvent
-from gateway.limits import Limits
+from gateway.limits import GatewayLimiter
 from gateway.sse import EventSplitter, StreamAccount, Usage, response_usage
 from gateway.upstream import Upstream, timed_out, timeouts, unreachable
 from quotas.services import KeyGrant
@@ -60,7 +60,7 @@ class Call:
 
 class Proxy:
     def __init__(
-        self, upstream: Upstream, counters: Counters, ledger: LedgerWriter, limits: Limits
+        self, upstream: Upstream, counters: Counters, ledger: LedgerWriter, limits: GatewayLimiter
     ) -> None:
         self.upstream = upstream
         self.counters = counters

@@ -3,7 +3,7 @@
 It is not a model and infers nothing. It speaks SGLang's wire format (OpenAI-compatible routes,
 flat errors, native routes, Prometheus metrics with SGLang's names) and answers every request
 with the same Korean paragraph, cut into single tokens of the served model's real tokenizer, at
-a configurable speed. Prompt usage is counted with `quotas.tokens.get_counter(model)`, the code
+a configurable speed. Prompt usage is counted with `tokenlimit.tokens.get_counter(model)`, the code
 path the gateway uses, so `usage.prompt_tokens` is what SGLang would report for the same model.
 
 Answer length (completion tokens):
@@ -68,7 +68,7 @@ from gateway.simulator_wire import (
     simulated_failure,
     sse,
 )
-from quotas.tokens import TokenCounter, TokenizerCounter, get_counter, sglang_template_kwargs
+from tokenlimit.tokens import TokenCounter, TokenizerCounter, get_counter, sglang_template_kwargs
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import time
 
 from channels.layers import get_channel_layer
 
-from telemetry.consumers import STATS_GROUP
-
 log = logging.getLogger(__name__)
 INTERVAL = 1.0
+# The channel group gateways publish to and the live console (telemetry/consumers.py) reads.
+STATS_GROUP = "stats"
 
 
 class StatsPublisher:

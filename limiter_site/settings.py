@@ -289,7 +289,7 @@ SGLANG_URL = env_str("SGLANG_URL", "http://127.0.0.1:8000").rstrip("/")
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 # A body that stops arriving (a Content-Length that lies, a stalled upload) is answered 408.
 GATEWAY_BODY_TIMEOUT_SECONDS = env_float("GATEWAY_BODY_TIMEOUT_SECONDS", 15.0, minimum=0.1)
-# The most one chat template render may take on a request's messages (quotas/chat_templates.py):
+# The most one chat template render may take on a request's messages (tokenlimit/chat_templates.py):
 # real templates take about 40 µs a message, so 2 s is 50,000 messages.
 GATEWAY_TEMPLATE_BUDGET_SECONDS = env_float("GATEWAY_TEMPLATE_BUDGET_SECONDS", 2.0, minimum=0.05)
 # Upper bound for `n` (choices per request): each one is generated and reserved separately.
@@ -322,7 +322,7 @@ GATEWAY_LEDGER_ADOPT_SECONDS = env_float("GATEWAY_LEDGER_ADOPT_SECONDS", 10.0, m
 # Per-user labels on the gateway's Prometheus series: off, as users are unbounded.
 GATEWAY_METRICS_PER_USER = env_bool("GATEWAY_METRICS_PER_USER", False)
 
-# --- Limits (quotas/limiter*.py) ---------------------------------------------------------------
+# --- Limits (tokenlimit/limiter*.py) -----------------------------------------------------------
 # Calendar days for tokens-per-day start at midnight here.
 LIMITER_TIME_ZONE = env_str("LIMITER_TIME_ZONE", "Asia/Seoul")
 # Redis down: "closed" refuses with 503, "open" admits and logs. Decided within the timeout.

@@ -15,9 +15,10 @@ from django.http import HttpRequest
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
-from gateway.models import ServedModel
-from quotas.models import LIMIT_FIELDS, LedgerDeadLetter, Plan, UsageRecord, UserQuota
+from accounts import admin as accounts_admin
+from quotas.models import LedgerDeadLetter, Plan, UsageRecord, UserQuota
 from quotas.services import replay_dead_letters
+from tokenlimit.limiter import LIMIT_FIELDS
 
 
 @admin.register(Plan)
@@ -42,11 +43,21 @@ class PlanAdmin(admin.ModelAdmin):
 
 
 class UserQuotaInline(admin.StackedInline):
-    """Shown on the user page (accounts/admin.py); blank limits fall back to the plan's."""
+    """Shown on the user page; blank limits fall back to the plan's."""
 
     model = UserQuota
     max_num = 1
     fields = ("plan", "description", *LIMIT_FIELDS, "allowed_models")
+
+
+# The user page of accounts/admin.py, with the user's plan and limits: this layer knows them
+# (accounts, below it, must not import quotas).
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class UserAdmin(accounts_admin.UserAdmin):
+    inlines = (UserQuotaInline,)
 
 
 def _effective_column(field: str) -> Callable[[UserQuota], str]:
@@ -113,20 +124,6 @@ def _planner_estimate(queryset: QuerySet[Any]) -> int | None:
     return int(row[0]) if row is not None else None
 
 
-class ServedModelFilter(admin.SimpleListFilter):
-    # The model list comes from the small ServedModel table: a DISTINCT over the ledger would
-    # read all of it.
-    title = _("model")
-    parameter_name = "model"
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        names = ServedModel.objects.order_by("name").values_list("name", flat=True)
-        return [(name, name) for name in names]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        return queryset.filter(model=self.value()) if self.value() else queryset
-
-
 STATUS_CLASSES = {
     "2xx": (_("2xx success"), Q(status_code__gte=200, status_code__lt=300)),
     "4xx": (_("4xx client errors"), Q(status_code__gte=400, status_code__lt=500)),
@@ -172,7 +169,6 @@ class UsageRecordAdmin(admin.ModelAdmin):
     # No date_hierarchy: it runs DISTINCT date queries over the whole table. The date filter
     # below only adds a range condition that the started_at index serves.
     list_filter = (
-        ServedModelFilter,
         StatusFilter,
         "streamed",
         "usage_source",

@@ -1,7 +1,7 @@
 """Fitting the token estimator to a real tokenizer, for `manage.py calibrate_tokens`.
 
-The estimator (`quotas.tokens.EstimatingCounter`) predicts a text's token count as
-Σ factor × feature over `quotas.tokens.estimator_features`: how many of the family's
+The estimator (`tokenlimit.tokens.EstimatingCounter`) predicts a text's token count as
+Σ factor × feature over `tokenlimit.tokens.estimator_features`: how many of the family's
 multi-character "units" the text has, how many runs of blanks, and how many characters of each
 class are left after both are taken out. Calibration counts every corpus record exactly with the
 tokenizer, derives the units from the tokens the tokenizer actually emitted (Hangul words and
@@ -24,7 +24,7 @@ from typing import Any
 
 from django.utils.translation import gettext as _
 
-from quotas.tokens import (
+from tokenlimit.tokens import (
     BLANK_FEATURE,
     CHAR_CLASSES,
     FAMILY_FACTORS,
@@ -353,7 +353,7 @@ def calibrate(
 
 
 def format_factors(family: str, factors: Mapping[str, float]) -> str:
-    """The factors as a FAMILY_FACTORS entry, to paste into quotas/tokens.py."""
+    """The factors as a FAMILY_FACTORS entry, to paste into tokenlimit/tokens.py."""
     lines = [f"    {family!r}: {{"]
     lines += [f"        {name!r}: {value!r}," for name, value in factors.items()]
     lines.append("    },")

@@ -2,36 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from django.conf import settings
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
 from quotas.request_policy import validate_extra_fields
-
-LIMIT_FIELDS = (
-    "requests_per_minute",
-    "tokens_per_minute",
-    "tokens_per_hour",
-    "tokens_per_day",
-    "cooldown_minutes",
-    "max_parallel_requests",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What one user may do; the gateway caches this next to each key."""
-
-    requests_per_minute: int
-    tokens_per_minute: int
-    tokens_per_hour: int
-    tokens_per_day: int
-    cooldown_minutes: int
-    max_parallel_requests: int
-    # Empty means every served model.
-    allowed_models: tuple[str, ...] = ()
+from tokenlimit.limiter import LIMIT_FIELDS, Limits
 
 
 class Plan(models.Model):

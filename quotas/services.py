@@ -18,7 +18,9 @@ from django.utils import timezone
 
 from accounts.models import ApiKey
 from accounts.services import KEY_LIMIT_FIELDS
-from quotas.ledger_rows import (
+from quotas.models import LedgerDeadLetter, Plan, UsageRecord, UserQuota
+from quotas.request_policy import RequestAccess, user_cache_salt
+from tokenlimit.ledger_rows import (
     API_KEY_ID,
     FINISHED_AT,
     LEDGER_COLUMNS,
@@ -28,8 +30,7 @@ from quotas.ledger_rows import (
     request_id_of,
     text,
 )
-from quotas.models import LIMIT_FIELDS, LedgerDeadLetter, Limits, Plan, UsageRecord, UserQuota
-from quotas.request_policy import RequestAccess, user_cache_salt
+from tokenlimit.limiter import LIMIT_FIELDS, Limits
 
 log = logging.getLogger(__name__)
 DEFAULT_PLAN_NAME = "default"
@@ -172,7 +173,7 @@ def record_usage_rows(
     """Write a batch of ledger rows and the keys' last use, in one transaction.
 
     Rows are in LEDGER_COLUMNS order with started_at/finished_at as epoch seconds (the form
-    the spool and the Redis stream carry), cleaned here again (quotas/ledger_rows.py). A
+    the spool and the Redis stream carry), cleaned here again (tokenlimit/ledger_rows.py). A
     request id already present is skipped, so a replayed batch inserts nothing twice. If the
     batch fails on its data, each row is tried alone and the ones that still fail go to the
     dead letters (`source` says which path they came by); a database that is down raises, and

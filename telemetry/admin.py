@@ -10,7 +10,8 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
 from django.utils.translation import gettext_lazy as _
 
-from quotas.admin import EstimatedCountPaginator, ServedModelFilter
+from gateway.admin import ServedModelFilter
+from quotas.admin import EstimatedCountPaginator
 from telemetry.exports import csv_lines, rollup_export
 from telemetry.models import SGLangSample, UsageRollup
 

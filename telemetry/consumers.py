@@ -11,7 +11,8 @@ from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-STATS_GROUP = "stats"
+from gateway.stats import STATS_GROUP
+
 FORBIDDEN = 4403  # websocket close codes 4000-4999 are the application's
 
 

@@ -12,15 +12,13 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
 import httpx
 from django.conf import settings
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
-
-from telemetry import services
 
 # Per request; a scrape runs every few seconds, so a slow server must not hold it up.
 TIMEOUT_SECONDS = 2.0
@@ -354,12 +352,3 @@ def derived(prev: Totals, cur: Totals) -> dict[str, Any]:
         "itl_mean_seconds": ratio("itl_sum", "itl_count"),
         "e2e_mean_seconds": ratio("e2e_sum", "e2e_count"),
     }
-
-
-# --- Retention ----------------------------------------------------------------------------------
-
-
-def prune_samples(now: datetime | None = None) -> int:
-    """Delete samples older than TELEMETRY_RETENTION_DAYS; returns how many went."""
-    cutoff = (now or timezone.now()) - timedelta(days=settings.TELEMETRY_RETENTION_DAYS)
-    return services.prune_samples(older_than=cutoff)

@@ -26,7 +26,7 @@ def publish_sglang(samples: list[Any]) -> None:
     from asgiref.sync import async_to_sync
     from channels.layers import get_channel_layer
 
-    from telemetry.consumers import STATS_GROUP
+    from gateway.stats import STATS_GROUP
 
     layer = get_channel_layer()
     if layer is None:
@@ -65,9 +65,9 @@ def roll_up_usage() -> dict[str, Any]:
 @shared_task(name="telemetry.tasks.prune", ignore_result=True)
 def prune() -> dict[str, int]:
     """Delete raw data past its retention; returns rows deleted per kind."""
-    from telemetry import rollups, sglang
+    from telemetry import rollups, services
 
-    deleted = {"sglang_samples": sglang.prune_samples()}  # TELEMETRY_RETENTION_DAYS
+    deleted = {"sglang_samples": services.prune_samples()}  # TELEMETRY_RETENTION_DAYS
     # LEDGER_RETENTION_DAYS, whole local days, only rows already rolled up; roll-ups are kept.
     deleted["usage_records"] = rollups.prune_ledger()
     return deleted

@@ -13,7 +13,7 @@ from gateway.counting import BULK_BYTES, Counters, FairPool
 from gateway.preparation import UpstreamTarget, prepare
 from gateway.request_schema import CHAT, Context
 from quotas.request_policy import RequestAccess
-from quotas.tokens import get_counter
+from tokenlimit.tokens import get_counter
 
 MODEL = ModelInfo(
     name="Qwen/Qwen2.5-7B-Instruct", aliases=(), upstream_url="http://x", tokenizer="",

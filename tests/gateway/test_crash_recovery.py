@@ -27,10 +27,10 @@ import pytest
 import redis
 
 from gateway.ledger import LedgerWriter, OpenRequest
-from quotas.ledger_rows import INTERRUPTED
 from quotas.models import UsageRecord
 from tests.gateway.conftest import FAST_MODEL, database_url_for_subprocess, gateway_args, make_user
 from tests.procs import free_port, ledger_worker, running, simulator
+from tokenlimit.ledger_rows import INTERRUPTED
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 

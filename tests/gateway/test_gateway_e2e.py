@@ -17,8 +17,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from quotas.tokens import get_counter
 from tests.gateway.conftest import FAST_MODEL, MONITORING_TOKEN, World
+from tokenlimit.tokens import get_counter
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from quotas.request_policy import GATEWAY_OWNED_FIELDS
-from quotas.tokens import get_counter, qwen_tokenizer_dir
 from tests.gateway.conftest import FAST_MODEL, World, hooks_plan, make_user
+from tokenlimit.tokens import get_counter, qwen_tokenizer_dir
 
 pytestmark = pytest.mark.slow
 

@@ -19,13 +19,13 @@ from gateway.request_schema import (
     require_model,
     validate,
 )
-from quotas.limiter import completion_budget
 from quotas.request_policy import (
     GATEWAY_OWNED_FIELDS,
     OPERATOR_EXTENSIONS,
     RequestAccess,
 )
-from quotas.tokens import get_counter
+from tokenlimit.limiter import completion_budget
+from tokenlimit.tokens import get_counter
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 CTX = Context(vocab_size=151665)

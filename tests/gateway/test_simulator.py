@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.simulator import ANSWER_PARAGRAPH
-from quotas.tokens import TokenizerCounter, get_counter
 from tests.procs import simulator
+from tokenlimit.tokens import TokenizerCounter, get_counter
 
 pytestmark = pytest.mark.slow
 

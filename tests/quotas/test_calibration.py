@@ -31,7 +31,7 @@ from quotas.calibration import (
     record_text,
     rule_of_thumb,
 )
-from quotas.tokens import (
+from tokenlimit.tokens import (
     FAMILY_FACTORS,
     EstimatingCounter,
     estimate_tokens,

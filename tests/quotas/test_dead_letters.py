@@ -23,9 +23,10 @@ import redis as redis_lib
 
 from accounts.services import create_api_key, get_or_create_user
 from gateway.ledger import LedgerWriter, UsageEvent, event_row
-from quotas import ledger_rows, ledger_stream
-from quotas.ledger_rows import BIGINT_MAX, INT_MAX, BadRow, clean_row
+from quotas import ledger_stream
 from quotas.models import LedgerDeadLetter, UsageRecord
+from tokenlimit import ledger_rows
+from tokenlimit.ledger_rows import BIGINT_MAX, INT_MAX, BadRow, clean_row
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 LONG_TYPE = "x" * 61

@@ -6,7 +6,7 @@
 Counts every record of the corpus with the tokenizer, fits the estimator's per-class factors
 (quotas/calibration.py) and compares three estimators against the exact counts: the fitted one,
 the original design's rule of thumb and the factors now shipped for the family. `--write` prints
-the fitted FAMILY_FACTORS and FAMILY_UNITS entries to paste into quotas/tokens.py; no file is
+the fitted FAMILY_FACTORS and FAMILY_UNITS entries to paste into tokenlimit/tokens.py; no file is
 changed.
 """
 
@@ -33,7 +33,7 @@ from quotas.calibration import (
     format_units,
     read_corpus,
 )
-from quotas.tokens import FAMILY_FACTORS, TokenizerCounter, family_of, get_counter
+from tokenlimit.tokens import FAMILY_FACTORS, TokenizerCounter, family_of, get_counter
 
 
 def _positive(value: str) -> int:
@@ -103,7 +103,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--write",
             action="store_true",
-            help=_("Print the fitted factors and units as Python to paste into quotas/tokens.py."),
+            help=_("Print the fitted factors and units as Python for tokenlimit/tokens.py."),
         )
 
     def handle(self, *args: Any, **options: Any) -> None:

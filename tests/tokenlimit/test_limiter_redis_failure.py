@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 from gateway.errors import GatewayError
-from gateway.limits import Limits
-from quotas.limiter import Day, LimiterUnavailable, Scope
-from quotas.limiter_redis import RedisBackend
-from quotas.models import Limits as PlanLimits
+from gateway.limits import GatewayLimiter
 from quotas.services import KeyGrant
 from tests.procs import RedisProcess, free_port
+from tokenlimit.limiter import Day, LimiterUnavailable, Scope
+from tokenlimit.limiter import Limits as PlanLimits
+from tokenlimit.limiter_redis import RedisBackend
 
 pytestmark = pytest.mark.redis
 
@@ -105,7 +105,7 @@ def test_a_redis_that_never_answers_is_bounded_by_the_timeout() -> None:
 def test_policy_when_redis_is_down(policy: str, settings: Any) -> None:
     settings.LIMITER_ON_REDIS_FAILURE = policy
     dead = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", 0.1, reply_timeout=0.1)
-    limits = Limits(dead)
+    limits = GatewayLimiter(dead)
 
     async def scenario() -> Any:
         return await limits.admit(GRANT, "rid-1", 10, "korean-qwen")

@@ -1,5 +1,5 @@
 -- Atomic multi-window admission, settlement and lease renewal: one round trip, all or nothing.
--- The algorithm mirrors quotas/limiter_memory.py step for step; tests hold both to the same
+-- The algorithm mirrors tokenlimit/limiter_memory.py step for step; tests hold both to the same
 -- answers. All keys of one user share the hash tag {u:<id>}, so this runs on Redis Cluster.
 --
 -- KEYS: 7 per scope: R (zset: requests), M (zset: minute token entries), H (zset: hour token

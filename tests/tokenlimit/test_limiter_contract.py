@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from quotas.limiter import (
+from tokenlimit.limiter import (
     COOLDOWN,
     PARALLEL,
     REQUESTS,
@@ -25,11 +25,11 @@ from quotas.limiter import (
     TOO_LARGE,
     Day,
     Decision,
+    Limits,
     Scope,
     format_duration,
 )
-from quotas.limiter_memory import MemoryBackend
-from quotas.models import Limits
+from tokenlimit.limiter_memory import MemoryBackend
 
 SEOUL = ZoneInfo("Asia/Seoul")
 T0 = datetime(2026, 11, 24, 12, 0, 0, tzinfo=SEOUL).timestamp()
@@ -96,7 +96,7 @@ def make(request: pytest.FixtureRequest) -> Iterator[object]:
     else:
         from django.conf import settings
 
-        from quotas.limiter_redis import RedisBackend
+        from tokenlimit.limiter_redis import RedisBackend
 
         def backend_factory() -> RedisBackend:
             return RedisBackend(settings.REDIS_URL, 2.0)
@@ -272,7 +272,7 @@ def test_backends_agree_on_a_random_workload() -> None:
         _missing("needs REDIS_URL=redis://…")
     import random
 
-    from quotas.limiter_redis import RedisBackend
+    from tokenlimit.limiter_redis import RedisBackend
 
     rng = random.Random(7)
     shape = limits(

@@ -1,6 +1,6 @@
 """`manage.py import_config PATH [PATH …]`: load config/*.yaml into the database.
 
-The parsing and checks live in quotas.config_import; this command only reports.
+The parsing and checks live in gateway.config_import; this command only reports.
 """
 
 from __future__ import annotations
@@ -12,7 +12,13 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.translation import gettext
 
 from accounts.services import quick_start_keys_in_use
-from quotas.config_import import KIND_LABELS, TALLY_LABELS, ConfigError, ImportReport, import_config
+from gateway.config_import import (
+    KIND_LABELS,
+    TALLY_LABELS,
+    ConfigError,
+    ImportReport,
+    import_config,
+)
 
 
 class Command(BaseCommand):

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from quotas import chat_templates
+from tokenlimit import chat_templates
 
 log = logging.getLogger(__name__)
 

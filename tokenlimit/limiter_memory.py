@@ -1,6 +1,6 @@
 """The embedded limiter backend: one process, no Redis (the quick start).
 
-It is the reference implementation of the algorithm in quotas/limiter.lua, line for line in
+It is the reference implementation of the algorithm in tokenlimit/limiter.lua, line for line in
 the same order, so that the contract tests in tests/quotas/test_limiter_contract.py can hold
 both to identical answers.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from quotas.limiter import (
+from tokenlimit.limiter import (
     COOLDOWN,
     HOUR,
     MINUTE,

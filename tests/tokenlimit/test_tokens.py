@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from quotas.tokens import (
+from tokenlimit.tokens import (
     EstimatingCounter,
     TokenizerCounter,
     detect_content_format,
@@ -188,7 +188,7 @@ def test_unknown_model_falls_back_to_the_estimator_and_warns_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     name = f"mystery-model-{uuid.uuid4().hex[:8]}"
-    with caplog.at_level(logging.WARNING, logger="quotas.tokens"):
+    with caplog.at_level(logging.WARNING, logger="tokenlimit.tokens"):
         counter = get_counter(name)
         again = get_counter(name)
         other_factor = get_counter(name, korean_factor=1.5)

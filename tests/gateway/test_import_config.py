@@ -19,8 +19,9 @@ from django.utils import translation
 from accounts.models import ApiKey
 from accounts.services import QUICK_START_KEYS, hash_key, revoke_api_keys
 from gateway.models import ServedModel
-from quotas.models import Limits, Plan, UserQuota
+from quotas.models import Plan, UserQuota
 from quotas.services import load_key_grant
+from tokenlimit.limiter import Limits
 
 CONFIG = Path(settings.BASE_DIR) / "config"
 SERVER_FILE = str(CONFIG / "sglang_korean.yaml")

@@ -1,6 +1,6 @@
 """The Redis limiter backend: every gateway replica shares one state, one round trip a decision.
 
-Each call runs quotas/limiter.lua (EVALSHA) over a pooled connection. Two deadlines, because
+Each call runs tokenlimit/limiter.lua (EVALSHA) over a pooled connection. Two deadlines, because
 two different things go wrong: a Redis that cannot be reached (refused, reset: at once; no
 route: LIMITER_REDIS_CONNECT_TIMEOUT) is reported as LimiterUnavailable fast, while a reply
 that is merely slow (a burst; an event loop busy on a loaded machine, which delays every
@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, RedisError
 
-from quotas.limiter import Day, Decision, LimiterUnavailable, Scope, WindowState, merge_states
+from tokenlimit.limiter import Day, Decision, LimiterUnavailable, Scope, WindowState, merge_states
 
 LUA = (Path(__file__).with_name("limiter.lua")).read_text()
 KEY_NAMES = ("r", "m", "h", "a", "d", "p", "c")

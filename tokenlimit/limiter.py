@@ -28,7 +28,31 @@ from datetime import datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from quotas.models import Limits
+# The limits of a plan, a user (plan + overrides) or a key, in this order everywhere: the
+# Plan/UserQuota/ApiKey fields, the Redis script's arguments and the write-ahead log's scopes.
+LIMIT_FIELDS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "tokens_per_hour",
+    "tokens_per_day",
+    "cooldown_minutes",
+    "max_parallel_requests",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one user (or key) may do; the gateway caches this next to each key. 0 = no limit."""
+
+    requests_per_minute: int
+    tokens_per_minute: int
+    tokens_per_hour: int
+    tokens_per_day: int
+    cooldown_minutes: int
+    max_parallel_requests: int
+    # Empty means every served model.
+    allowed_models: tuple[str, ...] = ()
+
 
 MINUTE = 60.0
 HOUR = 3600.0

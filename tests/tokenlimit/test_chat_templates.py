@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from quotas import chat_templates
-from quotas.chat_templates import TemplateBudgetExceeded, budget
-from quotas.tokens import TokenizerCounter, get_counter
+from tokenlimit import chat_templates
+from tokenlimit.chat_templates import TemplateBudgetExceeded, budget
+from tokenlimit.tokens import TokenizerCounter, get_counter
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 CHAT = [
