@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib import admin, messages
 from django.contrib.admin.options import InlineModelAdmin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.models import User
-from django.db.models import Q, QuerySet
+from django.db.models import Model, Q, QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.formats import date_format
+from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
-from accounts.models import ApiKey
+from accounts.models import ApiKey, AuditEvent
 from accounts.services import (
     KEY_LIMIT_FIELDS,
+    audit_target,
     create_api_key,
     revoke_api_keys,
     update_api_key,
@@ -70,7 +75,10 @@ CHANGE_FIELDS = (
     "revoked_at",
     "imported",
     *KEY_LIMIT_FIELDS,
+    "history",
 )
+# The newest events shown on a key's page; the audit log itself lists them all.
+HISTORY_ROWS = 50
 
 
 @admin.register(ApiKey)
@@ -104,16 +112,24 @@ class ApiKeyAdmin(admin.ModelAdmin):
             return []
         return [field for field in CHANGE_FIELDS if field not in EDITABLE_FIELDS]
 
+    @admin.display(description=_("history"))
+    def history(self, key: ApiKey) -> str:
+        events = AuditEvent.objects.filter(**audit_target(ApiKey, key.pk))[: HISTORY_ROWS + 1]
+        return render_history(list(events), audit_log_url(ApiKey, key.pk))
+
     def save_model(self, request: HttpRequest, obj: ApiKey, form: ModelForm, change: bool) -> None:
         data = form.cleaned_data
+        actor = acting_user(request)
         if change:
             # The form has already copied its values onto obj: compare against the stored row.
             stored = ApiKey.objects.get(pk=obj.pk)
             limits = {field: data.get(field) for field in KEY_LIMIT_FIELDS}
-            update_api_key(stored, name=data["name"], expires_at=data["expires_at"], **limits)
+            update_api_key(
+                stored, actor=actor, name=data["name"], expires_at=data["expires_at"], **limits
+            )
             return
         key, raw_key = create_api_key(
-            data["user"], name=data["name"], expires_at=data["expires_at"]
+            data["user"], actor=actor, name=data["name"], expires_at=data["expires_at"]
         )
         _adopt(obj, key)
         # The raw key exists only in this message: it is consumed when shown (messages are
@@ -126,7 +142,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description=_("Revoke selected keys"), permissions=["change"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        count = revoke_api_keys(key_ids=list(queryset.values_list("pk", flat=True)))
+        ids = list(queryset.values_list("pk", flat=True))
+        count = revoke_api_keys(key_ids=ids, actor=acting_user(request))
         message = ngettext("%(count)d key revoked.", "%(count)d keys revoked.", count)
         self.message_user(request, message % {"count": count}, messages.SUCCESS)
 
@@ -138,6 +155,103 @@ def _adopt(form_instance: ApiKey, created: ApiKey) -> None:
         setattr(form_instance, field.attname, getattr(created, field.attname))
     form_instance._state.adding = False
     form_instance._state.db = created._state.db
+
+
+def acting_user(request: HttpRequest) -> User:
+    # The admin lets in only logged-in staff: an anonymous user here is a bug, not a case.
+    assert isinstance(request.user, User)
+    return request.user
+
+
+# --- The audit log ------------------------------------------------------------------------------
+
+
+def summarize(details: dict[str, Any], limit: int = 200) -> str:
+    """One line for an audit row's details: "field: old → new, …" (facts as "field: value")."""
+    parts = []
+    for field, value in details.items():
+        if isinstance(value, dict) and value.keys() == {"old", "new"}:
+            parts.append(f"{field}: {_shown(value['old'])} → {_shown(value['new'])}")
+        else:
+            parts.append(f"{field}: {_shown(value)}")
+    text = ", ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _shown(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def render_history(events: list[AuditEvent], more_url: str) -> str:
+    """A key's audit events as a small table, newest first, with a link to the rest."""
+    if not events:
+        return gettext("No recorded changes.")
+    rows = format_html_join(
+        "",
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        (
+            (
+                date_format(timezone.localtime(event.created_at), "DATETIME_FORMAT"),
+                event.actor_label,
+                event.get_action_display(),
+                summarize(event.details),
+            )
+            for event in events[:HISTORY_ROWS]
+        ),
+    )
+    more = (
+        format_html('<p><a href="{}">{}</a></p>', more_url, gettext("All events"))
+        if len(events) > HISTORY_ROWS
+        else ""
+    )
+    header = format_html(
+        "<tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
+        gettext("when"),
+        gettext("who"),
+        gettext("action"),
+        gettext("what changed"),
+    )
+    return format_html("<table>{}{}</table>{}", header, rows, more)
+
+
+def audit_log_url(model: type[Model], pk: int) -> str:
+    query = urlencode(audit_target(model, pk))
+    return f"{reverse('admin:accounts_auditevent_changelist')}?{query}"
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """Who changed what: written only by the services, never added, edited or deleted here."""
+
+    list_display = ("created_at", "actor_label", "action", "target", "short_details")
+    list_filter = ("action",)
+    search_fields = ("actor__username", "actor_label")
+    search_help_text = _("The actor's username (or the command's name).")
+    list_select_related = ("actor",)
+    ordering = ("-created_at", "-pk")
+    # Unfiltered, Django would count the whole table twice (the result and the "total").
+    show_full_result_count = False
+    fields = (
+        "created_at", "actor", "actor_label", "action", "target_type", "target_id",
+        "target_label", "details",
+    )  # fmt: skip
+
+    @admin.display(description=_("target"), ordering="target_label")
+    def target(self, event: AuditEvent) -> str:
+        return f"{event.target_label} ({event.target_type} #{event.target_id})"
+
+    @admin.display(description=_("details"))
+    def short_details(self, event: AuditEvent) -> str:
+        return summarize(event.details, limit=120)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 admin.site.unregister(User)

@@ -1,8 +1,9 @@
-"""API keys. A key is stored only as its SHA-256 hash and a short visible prefix."""
+"""API keys (stored only as a SHA-256 hash and a short visible prefix) and the audit log."""
 
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -43,3 +44,53 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.user})"
+
+
+class AuditAction(models.TextChoices):
+    KEY_CREATED = "key_created", _("API key created")
+    KEY_CHANGED = "key_changed", _("API key changed")
+    KEY_REVOKED = "key_revoked", _("API key revoked")
+    QUOTA_CHANGED = "quota_changed", _("user quota changed")
+    PLAN_CHANGED = "plan_changed", _("plan changed")
+
+
+class AuditEvent(models.Model):
+    """Who changed what, and when: one row per change, written by the service that made it, in
+    the same transaction (accounts/services.py: record_audit). Never edited afterwards."""
+
+    created_at = models.DateTimeField(_("when"), default=timezone.now, editable=False)
+    # None for the system or a management command; the label says which.
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="audit_events",
+        verbose_name=_("actor"),
+    )
+    # The actor as they were called then: survives a renamed or deleted user.
+    actor_label = models.CharField(_("actor name"), max_length=150)
+    action = models.CharField(_("action"), max_length=32, choices=AuditAction.choices)
+    # What was changed, as "app_label.model" and primary key: one index serves a key's history
+    # without a foreign key per kind of target (and an audit row outlives its target).
+    target_type = models.CharField(_("target type"), max_length=100)
+    target_id = models.BigIntegerField(_("target id"))
+    # The target as it was called then (a key's prefix, a username, a plan name), so that the
+    # list needs no join per kind of target.
+    target_label = models.CharField(_("target"), max_length=200)
+    # What changed: {field: {"old": …, "new": …}}, or a created key's facts. Never a raw key.
+    details = models.JSONField(_("details"), default=dict, blank=True, encoder=DjangoJSONEncoder)
+
+    class Meta:
+        verbose_name = _("audit event")
+        verbose_name_plural = _("audit events")
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(
+                fields=["target_type", "target_id", "created_at"], name="accounts_audit_target"
+            ),
+            models.Index(fields=["created_at"], name="accounts_audit_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.actor_label}: {self.get_action_display()} {self.target_label}"

@@ -6,14 +6,16 @@ import hashlib
 import math
 import secrets
 import string
+from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from django.contrib.auth.models import User
-from django.db import transaction
+from django.db import models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext
 
-from accounts.models import ApiKey
+from accounts.models import ApiKey, AuditAction, AuditEvent
 
 KEY_PREFIX = "sk-"
 # 32 random bytes = 256 bits, above the 192 the design asks for.
@@ -87,47 +89,92 @@ def generate_raw_key() -> str:
 
 
 def create_api_key(
-    user: User, name: str = "", expires_at: datetime | None = None
+    user: User,
+    *,
+    actor: User | None,
+    actor_label: str | None = None,
+    name: str = "",
+    expires_at: datetime | None = None,
 ) -> tuple[ApiKey, str]:
-    """Create a new random key; the raw key is returned here and never again."""
+    """Create a new random key; the raw key is returned here and never again (nor audited)."""
     raw_key = generate_raw_key()
-    key = ApiKey.objects.create(
-        user=user,
-        name=name,
-        prefix=visible_prefix(raw_key),
-        key_hash=hash_key(raw_key),
-        expires_at=expires_at,
-    )
-    return key, raw_key
-
-
-def import_api_key(user: User, raw_key: str, name: str = "") -> tuple[ApiKey, bool]:
-    """Store a key given in configuration; returns (key, changed). Re-importing is a no-op."""
-    key_hash = hash_key(raw_key)
-    existing = ApiKey.objects.filter(key_hash=key_hash).first()
-    if existing is None:
+    with transaction.atomic():
         key = ApiKey.objects.create(
             user=user,
             name=name,
             prefix=visible_prefix(raw_key),
-            key_hash=key_hash,
-            imported=True,
+            key_hash=hash_key(raw_key),
+            expires_at=expires_at,
         )
-        return key, True
-    if existing.user_id != user.pk or (name and existing.name != name):
-        existing.user = user
-        existing.name = name or existing.name
-        existing.save(update_fields=["user", "name"])
-        return existing, True
+        record_audit(actor, AuditAction.KEY_CREATED, key, _created_details(key), actor_label)
+    return key, raw_key
+
+
+def import_api_key(
+    user: User, raw_key: str, name: str = "", *, actor: User | None, actor_label: str | None = None
+) -> tuple[ApiKey, bool]:
+    """Store a key given in configuration; returns (key, changed). Re-importing is a no-op."""
+    key_hash = hash_key(raw_key)
+    with transaction.atomic():
+        existing = ApiKey.objects.select_related("user").filter(key_hash=key_hash).first()
+        if existing is None:
+            key = ApiKey.objects.create(
+                user=user,
+                name=name,
+                prefix=visible_prefix(raw_key),
+                key_hash=key_hash,
+                imported=True,
+            )
+            record_audit(actor, AuditAction.KEY_CREATED, key, _created_details(key), actor_label)
+            return key, True
+        if existing.user_id != user.pk or (name and existing.name != name):
+            before = {"user": existing.user.get_username(), "name": existing.name}
+            existing.user = user
+            existing.name = name or existing.name
+            existing.save(update_fields=["user", "name"])
+            after = {"user": user.get_username(), "name": existing.name}
+            details = changes(before, after)
+            record_audit(actor, AuditAction.KEY_CHANGED, existing, details, actor_label)
+            return existing, True
     return existing, False
 
 
-def revoke_api_keys(keys: list[ApiKey] | None = None, *, key_ids: list[int] | None = None) -> int:
-    """Revoke keys; the gateway's key cache drops them within GATEWAY_KEY_CACHE_SECONDS."""
+def _created_details(key: ApiKey) -> dict[str, Any]:
+    # The prefix is what the admin shows anyway; the raw key and its hash never go here.
+    return {
+        "user": key.user.get_username(),
+        "name": key.name,
+        "prefix": key.prefix,
+        "expires_at": key.expires_at,
+        "imported": key.imported,
+    }
+
+
+def revoke_api_keys(
+    keys: list[ApiKey] | None = None,
+    *,
+    key_ids: list[int] | None = None,
+    actor: User | None,
+    actor_label: str | None = None,
+) -> int:
+    """Revoke keys, one audit row per key revoked now; returns how many. The gateway's key cache
+    drops them within GATEWAY_KEY_CACHE_SECONDS."""
     ids = [k.pk for k in keys or []] + list(key_ids or [])
-    return ApiKey.objects.filter(pk__in=ids, revoked_at__isnull=True).update(
-        revoked_at=timezone.now()
-    )
+    with transaction.atomic():
+        # Locked: a concurrent revoke waits, then finds them revoked, so each key is audited once.
+        active = list(
+            ApiKey.objects.select_for_update()
+            .filter(pk__in=ids, revoked_at__isnull=True)
+            .only("pk", "prefix")
+            .order_by("pk")
+        )
+        now = timezone.now()
+        ApiKey.objects.filter(pk__in=[key.pk for key in active]).update(revoked_at=now)
+        details = changes({"revoked_at": None}, {"revoked_at": now})
+        AuditEvent.objects.bulk_create(
+            audit_event(actor, AuditAction.KEY_REVOKED, key, details, actor_label) for key in active
+        )
+    return len(active)
 
 
 def touch_last_used(last_used: dict[int, datetime]) -> None:
@@ -164,10 +211,16 @@ KEY_LIMIT_FIELDS = (
 
 
 def update_api_key(
-    key: ApiKey, *, name: str, expires_at: datetime | None, **limits: int | None
+    key: ApiKey,
+    *,
+    actor: User | None,
+    actor_label: str | None = None,
+    name: str,
+    expires_at: datetime | None,
+    **limits: int | None,
 ) -> bool:
     """Change what an operator may change on a key (name, expiry, its own limits); returns
-    whether anything changed.
+    whether anything changed (and only then writes an audit row).
 
     Only these columns are written: a full save() from a form opened earlier would put back an
     old revoked_at (un-revoking a key revoked meanwhile) or an old last_used_at.
@@ -176,9 +229,80 @@ def update_api_key(
     if unknown:
         raise ValueError(f"unknown key limit fields: {sorted(unknown)}")
     wanted: dict[str, object] = {"name": name, "expires_at": expires_at, **limits}
-    changed = [field for field, value in wanted.items() if getattr(key, field) != value]
-    for field in changed:
+    details = changes({field: getattr(key, field) for field in wanted}, wanted)
+    if not details:
+        return False
+    for field in details:
         setattr(key, field, wanted[field])
-    if changed:
-        key.save(update_fields=changed)
-    return bool(changed)
+    with transaction.atomic():
+        key.save(update_fields=list(details))
+        record_audit(actor, AuditAction.KEY_CHANGED, key, details, actor_label)
+    return True
+
+
+# --- The audit log ------------------------------------------------------------------------------
+
+# Who a change is recorded as when no user made it and the caller names no command.
+SYSTEM_LABEL = "system"
+
+
+def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fields whose value differs, as {field: {"old": …, "new": …}} (an audit's details)."""
+    return {
+        field: {"old": old.get(field), "new": value}
+        for field, value in new.items()
+        if old.get(field) != value
+    }
+
+
+def record_audit(
+    actor: User | None,
+    action: AuditAction,
+    target: models.Model,
+    details: dict[str, Any],
+    label: str | None = None,
+) -> AuditEvent:
+    """Write one audit row; call it inside the transaction that makes the change, so that the
+    change and its record are committed (or rolled back) together."""
+    event = audit_event(actor, action, target, details, label)
+    event.save()
+    return event
+
+
+def audit_event(
+    actor: User | None,
+    action: AuditAction,
+    target: models.Model,
+    details: dict[str, Any],
+    label: str | None = None,
+) -> AuditEvent:
+    """An unsaved audit row (for bulk_create); `label` names a command when actor is None."""
+    return AuditEvent(
+        actor=actor,
+        actor_label=_clamp(
+            label or (actor.get_username() if actor else SYSTEM_LABEL), "actor_label"
+        ),
+        action=action,
+        target_type=target._meta.label_lower,
+        target_id=target.pk,
+        target_label=_clamp(_describe(target), "target_label"),
+        details=details,
+    )
+
+
+def audit_target(model: type[models.Model], pk: int) -> dict[str, Any]:
+    """The filter for one object's audit events (served by the target index)."""
+    return {"target_type": model._meta.label_lower, "target_id": pk}
+
+
+def _describe(target: models.Model) -> str:
+    # A key's own __str__ reads its user: the prefix alone is enough and costs no query.
+    if isinstance(target, ApiKey):
+        return f"{target.prefix}…"
+    return str(target)
+
+
+def _clamp(text: str, field_name: str) -> str:
+    field = AuditEvent._meta.get_field(field_name)
+    assert isinstance(field, models.CharField) and field.max_length is not None
+    return text[: field.max_length]

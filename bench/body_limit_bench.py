@@ -45,7 +45,7 @@ def prepare_database(directory: str) -> tuple[dict[str, str], str]:
     script = (
         "from accounts.services import create_api_key, get_or_create_user\n"
         "user, _ = get_or_create_user('bench')\n"
-        "print(create_api_key(user)[1])\n"
+        "print(create_api_key(user, actor=None)[1])\n"
     )
     key = subprocess.run(
         [*python, "shell", "-c", script], cwd=ROOT, env=env, check=True, capture_output=True,

@@ -163,10 +163,10 @@ def seed() -> str:
     user, _ = get_or_create_user("벤치마크")
     big = 10**12
     set_user_quota(
-        user, default_plan(), requests_per_minute=10**9, tokens_per_minute=big,
+        user, default_plan(), actor=None, requests_per_minute=10**9, tokens_per_minute=big,
         tokens_per_hour=big, tokens_per_day=big, max_parallel_requests=10**6,
     )  # fmt: skip
-    return create_api_key(user, "bench")[1]
+    return create_api_key(user, actor=None, name="bench")[1]
 
 
 def measure(w: dict[str, str | int], seconds: float, rounds: int) -> dict[tuple[str, str], Result]:

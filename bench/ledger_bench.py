@@ -14,7 +14,6 @@ the Celery task's drain (read, insert, acknowledge, delete).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,16 +33,18 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
 from bench.gateway_bench import write_section  # noqa: E402
-from gateway.ledger import LedgerWriter, OpenRequest, UsageEvent, _ship, event_row  # noqa: E402
+from gateway.ledger import LedgerWriter, RequestFacts, _ship  # noqa: E402
+from tokenlimit.ledger_rows import UsageRow, fitted, to_wire  # noqa: E402
 
 
-def event(user_id: int, key_id: int) -> UsageEvent:
+def event(user_id: int, key_id: int) -> UsageRow:
     now = time.time()
-    return UsageEvent(
-        request_id=uuid.uuid4().hex, user_id=user_id, key_id=key_id,
+    return UsageRow(
+        request_id=uuid.uuid4().hex, user_id=user_id, api_key_id=key_id,
         model="Qwen/Qwen2.5-7B-Instruct", endpoint="chat/completions", status_code=200,
         streamed=True, started_at=now, finished_at=now + 0.2, prompt_tokens=48,
-        completion_tokens=100, estimated_prompt_tokens=48, upstream_latency_ms=3.2, ttft_ms=41.0,
+        completion_tokens=100, estimated_prompt_tokens=48, upstream_latency_ms=3.2,
+        time_to_first_token_ms=41.0,
     )  # fmt: skip
 
 
@@ -62,7 +63,7 @@ def recording_cost(write_ahead: bool, samples: int = 20000) -> tuple[float, floa
             started = time.perf_counter()
             if write_ahead:
                 writer.open(
-                    OpenRequest(done.request_id, 1, 1, done.model, done.endpoint, True,
+                    RequestFacts(done.request_id, 1, 1, done.model, done.endpoint, True,
                                 done.started_at, 48, scopes)
                 )  # fmt: skip
             writer.record(done)
@@ -74,7 +75,7 @@ def recording_cost(write_ahead: bool, samples: int = 20000) -> tuple[float, floa
 
 
 def rows_as_lines(rows: int, user_id: int, key_id: int) -> list[str]:
-    return [json.dumps(event_row(event(user_id, key_id))) for _ in range(rows)]
+    return [to_wire(fitted(event(user_id, key_id), time.time)).decode() for _ in range(rows)]
 
 
 def ingest_direct(rows: int, user_id: int, key_id: int) -> float:
@@ -113,7 +114,7 @@ def main() -> None:
     from accounts.services import create_api_key, get_or_create_user
 
     user, _ = get_or_create_user("원장벤치")
-    key, _ = create_api_key(user)
+    key, _ = create_api_key(user, actor=None)
     p50, p99 = recording_cost(write_ahead=False)
     ahead50, ahead99 = recording_cost(write_ahead=True)
     direct = ingest_direct(args.rows, user.pk, key.pk)

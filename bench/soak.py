@@ -85,10 +85,10 @@ def seed() -> list[str]:
     for i in range(4):
         user, _ = get_or_create_user(f"soak-{i}")
         set_user_quota(  # 0: no limit (this measures the ledger, not the limits)
-            user, default_plan(), requests_per_minute=0, tokens_per_minute=0, tokens_per_hour=0,
-            tokens_per_day=0, max_parallel_requests=0, cooldown_minutes=0,
+            user, default_plan(), actor=None, requests_per_minute=0, tokens_per_minute=0,
+            tokens_per_hour=0, tokens_per_day=0, max_parallel_requests=0, cooldown_minutes=0,
         )  # fmt: skip
-        keys.append(create_api_key(user, "soak")[1])
+        keys.append(create_api_key(user, actor=None, name="soak")[1])
     return keys
 
 

@@ -25,10 +25,10 @@ from django.conf import settings
 
 from gateway import metrics, monitoring
 from gateway.asgi_io import (
+    AsgiScope,
     ClientDisconnected,
     Receive,
     Responder,
-    Scope,
     Send,
     header,
     header_count,
@@ -39,7 +39,7 @@ from gateway.counting import Counters
 from gateway.embedded_beat import embedded_beat
 from gateway.errors import GatewayError, invalid
 from gateway.health import LIVE, Readiness
-from gateway.ledger import LedgerWriter, OpenRequest, UsageEvent
+from gateway.ledger import LedgerWriter, Outcome, RequestFacts, usage_row
 from gateway.limits import GatewayLimiter, make_backend
 from gateway.preparation import Prepared, UpstreamTarget, prepare, tokenize
 from gateway.proxy import Call, Proxy
@@ -52,7 +52,7 @@ from tokenlimit.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Scope, Receive, Responder], Awaitable[None]]
+Handler = Callable[[AsgiScope, Receive, Responder], Awaitable[None]]
 
 
 def not_found(model: str) -> GatewayError:
@@ -67,7 +67,8 @@ def not_found(model: str) -> GatewayError:
 class Gateway:
     def __init__(self, clock: Clock = system_clock) -> None:
         self.keys = KeyCache(settings.GATEWAY_KEY_CACHE_SECONDS)
-        self.catalog = ModelCatalog(settings.SGLANG_URL)
+        # Model edits reach this process as soon as key edits do.
+        self.catalog = ModelCatalog(settings.SGLANG_URL, settings.GATEWAY_KEY_CACHE_SECONDS)
         self.counters = Counters()
         self.catalog.on_load = self.counters.preload
         self.ledger = LedgerWriter(
@@ -91,13 +92,13 @@ class Gateway:
             "/v1/chat/completions": ("POST", self.chat_completions),
             "/v1/completions": ("POST", self.completions),
             "/v1/models": ("GET", self.list_models),
-            "/v1/tokenize": ("POST", self.tokenize),
-            "/health": ("GET", self.health),
-            "/health/ready": ("GET", self.health_ready),
-            "/metrics": ("GET", self.metrics),
+            "/v1/tokenize": ("POST", self.serve_tokenize),
+            "/health": ("GET", self.serve_health),
+            "/health/ready": ("GET", self.serve_health_ready),
+            "/metrics": ("GET", self.serve_metrics),
         }
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
@@ -113,7 +114,7 @@ class Gateway:
             log.exception("unhandled error on %r (request %s)", scope.get("path"), out.request_id)
             await out.fail(internal_error(out.request_id))
 
-    async def _dispatch(self, scope: Scope, receive: Receive, out: Responder) -> None:
+    async def _dispatch(self, scope: AsgiScope, receive: Receive, out: Responder) -> None:
         path = scope["path"]
         route = self.routes.get(path.rstrip("/") or "/")
         if route is None:
@@ -191,7 +192,7 @@ class Gateway:
         if problem:
             log.error("not ready: %s", problem)
 
-    async def authenticate(self, scope: Scope) -> KeyGrant:
+    async def authenticate(self, scope: AsgiScope) -> KeyGrant:
         if header_count(scope, b"authorization") > 1:
             # Proxies and servers disagree on which of two wins: refuse rather than guess.
             raise invalid(
@@ -228,14 +229,14 @@ class Gateway:
             raise _unauthorized("This API key has been revoked or has expired.", "invalid_api_key")
         return grant
 
-    async def chat_completions(self, scope: Scope, receive: Receive, out: Responder) -> None:
+    async def chat_completions(self, scope: AsgiScope, receive: Receive, out: Responder) -> None:
         await self._completion(scope, receive, out, CHAT)
 
-    async def completions(self, scope: Scope, receive: Receive, out: Responder) -> None:
+    async def completions(self, scope: AsgiScope, receive: Receive, out: Responder) -> None:
         await self._completion(scope, receive, out, COMPLETIONS)
 
     async def _completion(
-        self, scope: Scope, receive: Receive, out: Responder, endpoint: str
+        self, scope: AsgiScope, receive: Receive, out: Responder, endpoint: str
     ) -> None:
         grant = await self.authenticate(scope)
         started = time.time()
@@ -279,13 +280,14 @@ class Gateway:
         self, grant: KeyGrant, endpoint: str, started: float, exc: GatewayError, request_id: str
     ) -> None:
         """Refused after authentication: still one ledger row (429s by kind, 4xx by type)."""
-        self.ledger.record(refused_event(request_id, grant, endpoint, started, exc))
+        facts = RequestFacts(request_id, grant.user_id, grant.key_id, "", endpoint, False, started)
+        self.ledger.record(usage_row(facts, Outcome(status=exc.status, error_type=exc.type)))
         metrics.observe_refused(grant.username, exc.status, exc.type)
         self.stats.requests += 1
         self.stats.rate_limited += exc.status == 429
 
     async def _read(
-        self, scope: Scope, receive: Receive, grant: KeyGrant, adapters: bool
+        self, scope: AsgiScope, receive: Receive, grant: KeyGrant, adapters: bool
     ) -> ModelRequest:
         """Read and parse the body, resolve the model it names (and, with `adapters`, the LoRA
         adapter) and get the model's token counter."""
@@ -300,7 +302,7 @@ class Gateway:
         return ModelRequest(len(body), data, requested, model, adapter, counter)
 
     async def _prepare(
-        self, scope: Scope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str
+        self, scope: AsgiScope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str
     ) -> tuple[str, ModelInfo, Prepared]:
         """(the model name the client asked for, the model it resolves to, the prepared call)"""
         request = await self._read(scope, receive, grant, adapters=True)
@@ -319,7 +321,7 @@ class Gateway:
         return request.requested, model, prepared
 
     async def _admit(
-        self, scope: Scope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str
+        self, scope: AsgiScope, receive: Receive, grant: KeyGrant, endpoint: str, request_id: str
     ) -> Call:
         requested, model, prepared = await self._prepare(
             scope, receive, grant, endpoint, request_id
@@ -365,7 +367,7 @@ class Gateway:
             raise not_found(f"{model.name}:{adapter}")
         return model, adapter
 
-    async def list_models(self, scope: Scope, receive: Receive, out: Responder) -> None:
+    async def list_models(self, scope: AsgiScope, receive: Receive, out: Responder) -> None:
         grant = await self.authenticate(scope)
         cards = []
         for model in await self.catalog.models():
@@ -378,7 +380,7 @@ class Gateway:
                     cards.append({**card, "parent": model.name})
         await out.json(200, {"object": "list", "data": cards})
 
-    async def tokenize(self, scope: Scope, receive: Receive, out: Responder) -> None:
+    async def serve_tokenize(self, scope: AsgiScope, receive: Receive, out: Responder) -> None:
         """Authenticated, admitted as a request (no tokens reserved), recorded, never billed."""
         grant = await self.authenticate(scope)
         started = time.time()
@@ -394,36 +396,28 @@ class Gateway:
                 grant.user_id, request.size, validate, TOKENIZE, request.data, ctx
             )
             decision = await self.limits.admit(grant, request_id, 0, request.requested)
-        self.ledger.open(
-            OpenRequest(
-                request_id=request_id, user_id=grant.user_id, key_id=grant.key_id,
-                model=model.name, endpoint=TOKENIZE, streamed=False, started_at=started,
-                prompt_tokens=0, scopes=self.limits.held_scopes(request_id),
-            )
+        facts = RequestFacts(
+            request_id, grant.user_id, grant.key_id, model.name, TOKENIZE, streamed=False,
+            started_at=started, scopes=self.limits.held_scopes(request_id),
         )  # fmt: skip
-        status, count, error_type = 500, 0, "server_error"
+        self.ledger.open(facts)
+        outcome = Outcome(status=500, error_type="server_error")
         try:
             result = await self.counters.prepare(
                 request.size, grant.user_id, tokenize, counter, valid.fields, model.context_length
             )
-            status, count, error_type = 200, result["count"], ""
+            # Counted, never billed: the count is the gateway's own (estimated_prompt_tokens).
+            facts.prompt_tokens, outcome = result["count"], Outcome(status=200)
             headers = ratelimit_headers(decision.state) if decision is not None else []
             await out.json(200, result, headers)
         except GatewayError as exc:
-            status, error_type = exc.status, exc.type
+            outcome = Outcome(status=exc.status, error_type=exc.type)
             raise
         finally:
             await self.limits.settle(grant, request_id, 0)
-            self.ledger.record(
-                UsageEvent(
-                    request_id=request_id, user_id=grant.user_id, key_id=grant.key_id,
-                    model=model.name, endpoint=TOKENIZE, status_code=status, streamed=False,
-                    started_at=started, finished_at=time.time(), estimated_prompt_tokens=count,
-                    usage_source="none", error_type=error_type,
-                )
-            )  # fmt: skip
+            self.ledger.record(usage_row(facts, outcome))
 
-    async def metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
+    async def serve_metrics(self, scope: AsgiScope, receive: Receive, out: Responder) -> None:
         if not monitoring.is_monitoring(scope):
             raise monitoring.forbidden("/metrics")
         ledger = (await self.readiness.report())["ledger"]
@@ -437,7 +431,7 @@ class Gateway:
         await out.start(200, [(b"content-type", content_type.encode())])
         await out.body(body)
 
-    async def health(self, scope: Scope, receive: Receive, out: Responder) -> None:
+    async def serve_health(self, scope: AsgiScope, receive: Receive, out: Responder) -> None:
         """Liveness: this process answers. Nothing else is said or checked."""
         if scope["method"] == "HEAD":
             await out.start(200, [(b"content-type", b"application/json")])
@@ -445,7 +439,7 @@ class Gateway:
             return
         await out.json(200, LIVE, [(b"cache-control", b"no-store")])
 
-    async def health_ready(self, scope: Scope, receive: Receive, out: Responder) -> None:
+    async def serve_health_ready(self, scope: AsgiScope, receive: Receive, out: Responder) -> None:
         if not (monitoring.is_monitoring(scope) or await monitoring.is_staff_session(scope)):
             raise monitoring.forbidden("/health/ready")
         report = await self.readiness.report()
@@ -470,24 +464,6 @@ def internal_error(request_id: str) -> GatewayError:
         500,
         f"The gateway failed to handle this request (request id {request_id}).",
         type_="server_error",
-    )
-
-
-def refused_event(
-    request_id: str, grant: KeyGrant, endpoint: str, started: float, exc: GatewayError
-) -> UsageEvent:
-    return UsageEvent(
-        request_id=request_id,
-        user_id=grant.user_id,
-        key_id=grant.key_id,
-        model="",
-        endpoint=endpoint,
-        status_code=exc.status,
-        streamed=False,
-        started_at=started,
-        finished_at=time.time(),
-        usage_source="none",
-        error_type=exc.type,
     )
 
 

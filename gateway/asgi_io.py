@@ -13,7 +13,7 @@ from gateway.errors import GatewayError, error_body
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
+AsgiScope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -36,14 +36,14 @@ class ClientDisconnected(Exception):
     pass
 
 
-def header(scope: Scope, name: bytes) -> bytes | None:
+def header(scope: AsgiScope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
             return bytes(value)
     return None
 
 
-def header_count(scope: Scope, name: bytes) -> int:
+def header_count(scope: AsgiScope, name: bytes) -> int:
     return sum(1 for key, _ in scope["headers"] if key == name)
 
 
@@ -65,7 +65,7 @@ def body_timed_out(seconds: float) -> GatewayError:
     )
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int, time_limit: float) -> bytes:
+async def read_body(scope: AsgiScope, receive: Receive, limit: int, time_limit: float) -> bytes:
     """The whole body, refused at `limit` bytes before more is read, and within `time_limit`.
 
     A declared Content-Length over the limit is refused before a byte is read; a chunked body

@@ -621,7 +621,9 @@ def import_config(paths: Iterable[str]) -> ImportReport:
 
 def _apply_server(config: ServerConfig, report: ImportReport) -> None:
     existed = Plan.objects.filter(name=quotas.DEFAULT_PLAN_NAME).exists()
-    changed = quotas.set_plan_limits(quotas.default_plan(), **config.default_limits)
+    changed = quotas.set_plan_limits(
+        quotas.default_plan(), actor=None, actor_label="import_config", **config.default_limits
+    )
     report.count("plans", created=not existed, changed=changed)
     model, created, changed = served_models.set_served_model(
         config.model_name, **config.model_fields
@@ -645,7 +647,12 @@ def _apply_users(configs: Sequence[UsersConfig], report: ImportReport) -> dict[s
         for entry in config.users:
             user, created = accounts.get_or_create_user(entry.name)
             _quota, changed = quotas.set_user_quota(
-                user, plan, description=entry.description, **entry.limits
+                user,
+                plan,
+                actor=None,
+                actor_label="import_config",
+                description=entry.description,
+                **entry.limits,
             )
             report.count("users", created=created, changed=changed)
             users[entry.name] = user
@@ -661,5 +668,7 @@ def _apply_keys(
     existing = set(ApiKey.objects.filter(key_hash__in=hashes).values_list("key_hash", flat=True))
     for key, key_hash in zip(keys, hashes, strict=True):
         # A key revoked in the admin stays revoked: import_api_key never un-revokes.
-        _key, changed = accounts.import_api_key(users[key.username], key.raw_key, key.name)
+        _key, changed = accounts.import_api_key(
+            users[key.username], key.raw_key, key.name, actor=None, actor_label="import_config"
+        )
         report.count("api_keys", created=key_hash not in existing, changed=changed)

@@ -172,32 +172,38 @@ def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None)
         done.set_result(result)
 
 
+def counting_key(model: ModelInfo) -> tuple[str, str, float | None]:
+    """Everything about a served model that changes its counts: a change in the admin gives a
+    new key, so the next catalog reload (every GATEWAY_KEY_CACHE_SECONDS) brings a new counter."""
+    return (model.name, model.tokenizer, model.korean_factor)
+
+
 class Counters:
     def __init__(self) -> None:
-        self._ready: dict[str, TokenCounter] = {}
+        self._ready: dict[tuple[str, str, float | None], TokenCounter] = {}
         self.fast = FairPool(2, "prepare")
         self.bulk = FairPool(2, "prepare-bulk", per_user=1)
 
     def preload(self, models: tuple[ModelInfo, ...]) -> None:
         """Start loading every model's tokenizer in the background (called on catalog loads)."""
         for model in models:
-            if model.name not in self._ready:
+            if counting_key(model) not in self._ready:
                 _load_executor.submit(self._load_sync, model)
 
     def source(self, model: ModelInfo) -> str:
-        counter = self._ready.get(model.name)
+        counter = self._ready.get(counting_key(model))
         return counter.source if counter is not None else "loading"
 
     async def get(self, model: ModelInfo) -> TokenCounter:
-        counter = self._ready.get(model.name)
+        counter = self._ready.get(counting_key(model))
         if counter is not None:
             return counter
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(_load_executor, self._load_sync, model)
 
     def _load_sync(self, model: ModelInfo) -> TokenCounter:
-        counter = get_counter(model.name, model.tokenizer, model.korean_factor)
-        self._ready[model.name] = counter
+        counter = get_counter(*counting_key(model))
+        self._ready[counting_key(model)] = counter
         gc.freeze()  # the tokenizer lives as long as the process: see limiter_site/asgi.py
         return counter
 

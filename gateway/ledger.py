@@ -6,12 +6,13 @@ nothing it wrote. Three kinds of line:
 - `{"open": …}` when a request is admitted (write-ahead): who, what was reserved, the limiter
   scopes to release;
 - `{"progress": …}` every GATEWAY_LEDGER_CHECKPOINT_SECONDS of a stream: output so far;
-- a ledger row (a JSON list, tokenlimit/ledger_rows.py) when the request is finished.
+- the ledger row (`UsageRow`, tokenlimit/ledger_rows.py) when the request is finished.
 Every GATEWAY_LEDGER_FLUSH_SECONDS the writer thread seals the current segment (the new one
 starts with the open requests again, so a request's open line is always in an unshipped
 segment) and ships its rows: with REDIS_URL to the ledger stream (Celery's `drain_ledger`
 writes the database, quotas/ledger_stream.py), without it straight into the database,
-replay-safe by request id. A segment is deleted only after it was shipped.
+replay-safe by request id. A segment is deleted once shipped into the database; one shipped to
+Redis is kept LEDGER_SHIPPED_RETENTION_SECONDS and shipped again if Redis restarts meanwhile.
 
 A dead process's segments are adopted (`adopt_dead`) by the next writer on this host, at its
 start and periodically: their finished rows are shipped, and their requests still open are
@@ -45,52 +46,75 @@ import orjson
 from django.conf import settings
 from django.db import close_old_connections
 
-from tokenlimit.ledger_rows import INTERRUPTED, clean_row
+from tokenlimit.ledger_rows import INTERRUPTED, UsageRow, fitted, request_id_of, to_wire
 
 log = logging.getLogger(__name__)
 BATCH_SIZE = 1000
-ADOPTION_LOCK = "adopting.flock"  # one adopter at a time on this host
+ADOPTION_LOCK = "adopting.flock"
+_NOT_ROWS = (
+    '{"open"',
+    '{"progress"',
+)  # write-ahead lines: read by adoption, never shipped  # one adopter at a time on this host
 
 
 @dataclass(slots=True)
-class UsageEvent:
-    request_id: str
-    user_id: int
-    key_id: int
-    model: str
-    endpoint: str
-    status_code: int
-    streamed: bool
-    started_at: float  # epoch seconds
-    finished_at: float
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    estimated_prompt_tokens: int = 0
-    usage_source: str = "upstream"
-    error_type: str = ""
-    client_disconnected: bool = False
-    upstream_latency_ms: float | None = None
-    ttft_ms: float | None = None
-
-
-@dataclass(slots=True)
-class OpenRequest:
-    """An admitted request, as written ahead: enough to bill and release it if this process
-    dies before it finishes."""
+class RequestFacts:
+    """What the ledger knows of a request before its outcome: who, what, when. Written ahead
+    when the request is admitted, with enough to bill and release it if this process dies
+    before it finishes."""
 
     request_id: str
     user_id: int
-    key_id: int
-    model: str
+    api_key_id: int
+    model: str  # the served model ("" when refused before one was resolved)
     endpoint: str
     streamed: bool
     started_at: float
-    prompt_tokens: int  # the gateway's count: what the upstream processes first
+    prompt_tokens: int = 0  # the gateway's count: what the upstream processes first
     # Limiter scopes holding the reservation: [key, rpm, tpm, tph, tpd, cooldown, parallel].
     scopes: list[list[Any]] = field(default_factory=list)
     completion_tokens: int = 0  # as of the last checkpoint
     responded: bool = False  # a 200 and its headers went out (a stream had started)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a request ended: its status, what it used, and why it failed if it did."""
+
+    status: int
+    prompt_tokens: int = 0  # billed
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    usage_source: str = "none"
+    error_type: str = ""
+    client_disconnected: bool = False
+    upstream_latency_ms: float | None = None
+    time_to_first_token_ms: float | None = None
+
+
+def usage_row(facts: RequestFacts, outcome: Outcome, finished_at: float | None = None) -> UsageRow:
+    """The one way a request becomes its ledger row, whatever the outcome: refused, failed,
+    finished, interrupted."""
+    return UsageRow(
+        request_id=facts.request_id,
+        user_id=facts.user_id,
+        api_key_id=facts.api_key_id,
+        model=facts.model,
+        endpoint=facts.endpoint,
+        status_code=outcome.status,
+        streamed=facts.streamed,
+        started_at=facts.started_at,
+        finished_at=time.time() if finished_at is None else finished_at,
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        cached_tokens=outcome.cached_tokens,
+        estimated_prompt_tokens=facts.prompt_tokens,
+        usage_source=outcome.usage_source,
+        error_type=outcome.error_type,
+        client_disconnected=outcome.client_disconnected,
+        upstream_latency_ms=outcome.upstream_latency_ms,
+        time_to_first_token_ms=outcome.time_to_first_token_ms,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,22 +126,13 @@ class Interrupted:
     charged: int
 
 
-def interrupted_event(request: OpenRequest, finished_at: float) -> UsageEvent:
-    """The row of a request whose gateway died: charged the prompt (the upstream processed it
-    first) and the output the last checkpoint saw; 200 if a stream had started, else 502."""
-    return UsageEvent(
-        request_id=request.request_id,
-        user_id=request.user_id,
-        key_id=request.key_id,
-        model=request.model,
-        endpoint=request.endpoint,
-        status_code=200 if request.responded else 502,
-        streamed=request.streamed,
-        started_at=request.started_at,
-        finished_at=finished_at,
-        prompt_tokens=request.prompt_tokens,
-        completion_tokens=request.completion_tokens,
-        estimated_prompt_tokens=request.prompt_tokens,
+def interrupted(facts: RequestFacts) -> Outcome:
+    """A request whose gateway died: charged the prompt (the upstream processed it first) and
+    the output the last checkpoint saw; 200 if a stream had started, else 502."""
+    return Outcome(
+        status=200 if facts.responded else 502,
+        prompt_tokens=facts.prompt_tokens,
+        completion_tokens=facts.completion_tokens,
         usage_source="checkpoint",
         error_type=INTERRUPTED,
     )
@@ -187,7 +202,8 @@ class Spool:
         owners: dict[str, list[Path]] = {
             path.stem: [] for path in self.directory.glob("*.lock") if path.stem != self.name
         }
-        for path in [*self.directory.glob("*.open"), *self.directory.glob("*.ready")]:
+        segments = ("*.open", "*.ready", "*.shipped")
+        for path in [p for pattern in segments for p in self.directory.glob(pattern)]:
             owner = path.name.rsplit("~", 1)[0]
             if owner != self.name:
                 owners.setdefault(owner, []).append(path)
@@ -254,7 +270,9 @@ class LedgerWriter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._open: dict[str, OpenRequest] = {}
+        self._open: dict[str, RequestFacts] = {}
+        # Segments shipped to Redis and kept a while: path → (Redis run id, when shipped).
+        self._retained: dict[Path, tuple[str, float]] = {}
         self._closed = False
         self.unshipped = 0  # finished events of this process not yet shipped
         self.dropped = 0
@@ -274,7 +292,7 @@ class LedgerWriter:
                 self._thread.start()
         return self._spool
 
-    def open(self, request: OpenRequest) -> None:
+    def open(self, request: RequestFacts) -> None:
         """Write ahead: the request was admitted."""
         with self._lock:
             self._open[request.request_id] = request
@@ -289,16 +307,14 @@ class LedgerWriter:
             line = {"progress": request_id, "tokens": completion_tokens, "responded": responded}
             self._ensure_spool().append(_dumps(line), event=False)
 
-    def record(self, event: UsageEvent) -> None:
-        line = _dumps(event_row(event))
+    def record(self, row: UsageRow) -> None:
+        line = to_wire(fitted(row, time.time))
         with self._lock:
-            self._open.pop(event.request_id, None)
+            self._open.pop(row.request_id, None)
             if self.unshipped >= self._max_pending:
                 # A destination down for long must not fill the disk; say so loudly.
                 self.dropped += 1
-                log.error(
-                    "ledger spool full (%d); dropping %s", self._max_pending, event.request_id
-                )
+                log.error("ledger spool full (%d); dropping %s", self._max_pending, row.request_id)
                 return
             self._ensure_spool().append(line, event=True)
             self.unshipped += 1
@@ -322,6 +338,8 @@ class LedgerWriter:
             shipped = 0
             for segment in spool.ready():
                 shipped += self._ship_segment(spool, segment)
+            if settings.REDIS_URL and self._retained:  # nothing kept: no question to Redis
+                self._reship_if_redis_restarted()
         self.written += shipped
         return shipped
 
@@ -332,10 +350,18 @@ class LedgerWriter:
         return lines
 
     def _ship_segment(self, spool: Spool, segment: Path) -> int:
-        lines = [line for line in _lines(segment) if not line.startswith("{")]
+        lines = _rows(segment)
+        # Asked before shipping: a restart during the XADDs must count as one after them.
+        run_id = _redis_run_id() if settings.REDIS_URL else ""
         for first in range(0, len(lines), BATCH_SIZE):
             self.dead_lettered += _ship(lines[first : first + BATCH_SIZE])
-        segment.unlink()
+        if settings.REDIS_URL:
+            # Kept until Redis has surely persisted it (see _reship_if_redis_restarted).
+            kept = segment.with_suffix(".shipped")
+            segment.rename(kept)
+            self._retained[kept] = (run_id, time.time())
+        else:
+            segment.unlink()
         spool.sealed_at.pop(segment.name, None)
         if segment.name in spool.adopted:
             spool.adopted.discard(segment.name)
@@ -343,6 +369,24 @@ class LedgerWriter:
             with self._lock:
                 self.unshipped = max(self.unshipped - len(lines), 0)
         return len(lines)
+
+    def _reship_if_redis_restarted(self) -> None:
+        """Ship again what Redis may have lost. An XADD is acknowledged before Redis writes its
+        append-only file (`everysec`: within about a second, later when the disk is slow), so a
+        Redis killed right after could lose it. Shipped segments are kept on disk for
+        LEDGER_SHIPPED_RETENTION_SECONDS; if Redis restarted meanwhile (its run id changed),
+        they are shipped again (the worker skips rows it already wrote)."""
+        now, current = time.time(), _redis_run_id()
+        for segment, (run_id, shipped_at) in list(self._retained.items()):
+            if run_id != current:
+                log.warning("ledger: Redis restarted; shipping %s again", segment.name)
+                lines = _rows(segment)
+                for first in range(0, len(lines), BATCH_SIZE):
+                    _ship(lines[first : first + BATCH_SIZE])
+                self._retained[segment] = (current, now)
+            elif now - shipped_at > settings.LEDGER_SHIPPED_RETENTION_SECONDS:
+                segment.unlink(missing_ok=True)
+                del self._retained[segment]
 
     def adopt_dead(self) -> list[Interrupted]:
         """Take over the segments of dead writers on this host and close their open requests.
@@ -378,7 +422,8 @@ class LedgerWriter:
         now = time.time()
         with self._lock:
             for request in still_open:
-                spool.append(_dumps(event_row(interrupted_event(request, now))), event=True)
+                row = usage_row(request, interrupted(request), finished_at=now)
+                spool.append(to_wire(fitted(row, time.time)), event=True)
                 charged = request.prompt_tokens + request.completion_tokens
                 closed.append(Interrupted(request.request_id, request.scopes, charged))
             # Shipped with this writer's own segment, so part of its backlog until then.
@@ -431,24 +476,23 @@ class LedgerWriter:
                 self._spool = None
 
 
-def _still_open(segments: list[Path]) -> list[OpenRequest]:
+def _still_open(segments: list[Path]) -> list[RequestFacts]:
     """Requests opened in these segments (read in order) that never got their row."""
-    opened: dict[str, OpenRequest] = {}
+    opened: dict[str, RequestFacts] = {}
     for segment in segments:
         for line in _lines(segment):
-            if line.startswith("["):
-                with contextlib.suppress(ValueError, IndexError, TypeError):
-                    opened.pop(str(json.loads(line)[0]), None)
-                continue
             try:
                 record = json.loads(line)
-                if "open" in record:
-                    request = OpenRequest(**record["open"])
+                if isinstance(record, dict) and "open" in record:
+                    request = RequestFacts(**record["open"])
                     opened[request.request_id] = request
-                elif record.get("progress") in opened:
-                    request = opened[record["progress"]]
-                    request.completion_tokens = int(record["tokens"])
-                    request.responded = bool(record["responded"])
+                elif isinstance(record, dict) and "progress" in record:
+                    if record["progress"] in opened:
+                        request = opened[record["progress"]]
+                        request.completion_tokens = int(record["tokens"])
+                        request.responded = bool(record["responded"])
+                else:  # a finished row, of any schema version
+                    opened.pop(request_id_of(record), None)
             except (ValueError, TypeError, KeyError, AttributeError):
                 log.warning("%s: skipping an unreadable line", segment)
     return list(opened.values())
@@ -470,31 +514,22 @@ def _dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
-def event_row(e: UsageEvent) -> tuple[Any, ...]:
-    """The event as a ledger row (LEDGER_COLUMNS order, times as epoch), fitted to its columns."""
-    return clean_row(
-        (
-            e.request_id,
-            e.user_id,
-            e.key_id,
-            e.model,
-            e.endpoint,
-            e.prompt_tokens,
-            e.completion_tokens,
-            e.cached_tokens,
-            e.estimated_prompt_tokens,
-            e.usage_source,
-            e.status_code,
-            e.error_type,
-            e.streamed,
-            e.client_disconnected,
-            e.started_at,
-            e.finished_at,
-            e.upstream_latency_ms,
-            e.ttft_ms,
-        ),
-        time.time,
-    )
+def _rows(segment: Path) -> list[str]:
+    return [line for line in _lines(segment) if not line.startswith(_NOT_ROWS)]
+
+
+def _stream_client() -> Any:
+    from quotas import ledger_stream
+
+    client = _stream_clients.get(settings.REDIS_URL)
+    if client is None:
+        client = _stream_clients[settings.REDIS_URL] = ledger_stream.client()
+    return client
+
+
+def _redis_run_id() -> str:
+    """Redis's run id: a new one each time the server starts."""
+    return str(_stream_client().info("server")["run_id"])
 
 
 def _ship(lines: list[str]) -> int:
@@ -502,10 +537,7 @@ def _ship(lines: list[str]) -> int:
     if settings.REDIS_URL:
         from quotas import ledger_stream
 
-        client = _stream_clients.get(settings.REDIS_URL)
-        if client is None:
-            client = _stream_clients[settings.REDIS_URL] = ledger_stream.client()
-        ledger_stream.append_lines(client, lines)
+        ledger_stream.append_lines(_stream_client(), lines)
         return 0
     from quotas.services import record_usage_lines
 

@@ -19,7 +19,7 @@ from importlib import import_module
 
 from django.conf import settings
 
-from gateway.asgi_io import Scope, header
+from gateway.asgi_io import AsgiScope, header
 from gateway.errors import GatewayError
 
 _session_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="monitoring-session")
@@ -35,7 +35,7 @@ def forbidden(what: str) -> GatewayError:
     )
 
 
-def is_monitoring(scope: Scope) -> bool:
+def is_monitoring(scope: AsgiScope) -> bool:
     token = settings.GATEWAY_MONITORING_TOKEN
     raw = header(scope, b"authorization")
     if token and raw is not None:
@@ -59,7 +59,7 @@ def _networks(spec: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.
     return tuple(ipaddress.ip_network(item, strict=False) for item in spec)
 
 
-async def is_staff_session(scope: Scope) -> bool:
+async def is_staff_session(scope: AsgiScope) -> bool:
     session_key = _session_cookie(scope)
     if session_key is None:
         return False
@@ -67,7 +67,7 @@ async def is_staff_session(scope: Scope) -> bool:
     return await loop.run_in_executor(_session_executor, _staff_session, session_key)
 
 
-def _session_cookie(scope: Scope) -> str | None:
+def _session_cookie(scope: AsgiScope) -> str | None:
     raw = header(scope, b"cookie")
     if raw is None:
         return None

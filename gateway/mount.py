@@ -9,7 +9,7 @@ from typing import Any
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
-from gateway.asgi_io import Receive, Scope, Send
+from gateway.asgi_io import AsgiScope, Receive, Send
 
 ASGIApp = Callable[..., Awaitable[Any]]
 # The API's paths and their odd spellings (`//v1/…`, `/V1/…`, `/v1`): the gateway answers them
@@ -18,7 +18,7 @@ GATEWAY_PATHS = re.compile(r"/+(?:v1|health|metrics)(?:/|$)", re.IGNORECASE)
 
 
 def mount_gateway(gateway: ASGIApp, django_app: ASGIApp) -> ASGIApp:
-    async def route(scope: Scope, receive: Receive, send: Send) -> None:
+    async def route(scope: AsgiScope, receive: Receive, send: Send) -> None:
         if GATEWAY_PATHS.match(scope["path"]):
             await gateway(scope, receive, send)
         else:

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -22,7 +23,7 @@ from gateway.asgi_io import SSE_HEADERS, Headers, Receive, Responder
 from gateway.caches import ModelInfo
 from gateway.counting import Counters
 from gateway.errors import GatewayError, error_body, rewrite_upstream_error
-from gateway.ledger import LedgerWriter, OpenRequest, UsageEvent
+from gateway.ledger import LedgerWriter, Outcome, RequestFacts, usage_row
 from gateway.limits import GatewayLimiter
 from gateway.sse import EventSplitter, StreamAccount, Usage, response_usage
 from gateway.upstream import Upstream, timed_out, timeouts, unreachable
@@ -69,7 +70,7 @@ class Proxy:
 
     async def run(self, call: Call, receive: Receive, out: Responder) -> None:
         """Relay the call while watching for the client leaving; always settles and records."""
-        self.ledger.open(self._written_ahead(call))
+        self.ledger.open(self._facts(call, self.limits.held_scopes(call.request_id)))
         relay: asyncio.Future[None] | None = None
         watcher: asyncio.Future[None] | None = None
         try:
@@ -97,17 +98,18 @@ class Proxy:
                 relay.cancel()
             await self._settle(call)
 
-    def _written_ahead(self, call: Call) -> OpenRequest:
-        return OpenRequest(
+    @staticmethod
+    def _facts(call: Call, scopes: list[list[Any]] | None = None) -> RequestFacts:
+        return RequestFacts(
             request_id=call.request_id,
             user_id=call.grant.user_id,
-            key_id=call.grant.key_id,
+            api_key_id=call.grant.key_id,
             model=call.model.name,
             endpoint=call.endpoint,
             streamed=call.streamed,
             started_at=call.started_at,
             prompt_tokens=call.prompt_count,
-            scopes=self.limits.held_scopes(call.request_id),
+            scopes=scopes or [],
         )
 
     async def _relay(self, call: Call, out: Responder, headers: Headers) -> None:
@@ -220,28 +222,18 @@ class Proxy:
             source = "gateway" if produced else "none"
         if call.client_disconnected and call.status == 0:
             call.status = 499  # nginx's "client closed request": nothing was sent back
-        self.ledger.record(
-            UsageEvent(
-                request_id=call.request_id,
-                user_id=call.grant.user_id,
-                key_id=call.grant.key_id,
-                model=call.model.name,
-                endpoint=call.endpoint,
-                status_code=call.status,
-                streamed=call.streamed,
-                started_at=call.started_at,
-                finished_at=time.time(),
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                cached_tokens=usage.cached_tokens,
-                estimated_prompt_tokens=call.prompt_count,
-                usage_source=source,
-                error_type=call.error_type,
-                client_disconnected=call.client_disconnected,
-                upstream_latency_ms=call.upstream_latency_ms,
-                ttft_ms=call.ttft_ms,
-            )
+        outcome = Outcome(
+            status=call.status,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            usage_source=source,
+            error_type=call.error_type,
+            client_disconnected=call.client_disconnected,
+            upstream_latency_ms=call.upstream_latency_ms,
+            time_to_first_token_ms=call.ttft_ms,
         )
+        self.ledger.record(usage_row(self._facts(call), outcome))
         call.billed = usage.prompt_tokens + usage.completion_tokens
         metrics.observe_finished(
             call.model.name, call.grant.username, call.status, usage.prompt_tokens,

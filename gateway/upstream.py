@@ -1,8 +1,7 @@
 """The one shared, pooled HTTP client to SGLang.
 
 aiohttp rather than httpx on this path: inside this stack a shared aiohttp session cost
-0.1-0.35 ms of CPU per proxied request against 2-3 ms for httpx (../shared/reference/hotpath.md;
-our own figures are in docs/benchmarks.md).
+0.1-0.35 ms of CPU per proxied request against 2-3 ms for httpx (docs/benchmarks.md).
 """
 
 from __future__ import annotations

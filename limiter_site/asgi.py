@@ -40,6 +40,6 @@ sys.setswitchinterval(0.001)
 
 # Everything imported so far (Django, transformers, the tokenizer) lives as long as the
 # process: keep it out of the garbage collector's full passes, whose stalls set the p99 tail
-# (LiteLLM's 0.4 s stalls, ../shared/reference/peers.md).
+# (LiteLLM's users report 0.4 s stalls from them).
 gc.collect()
 gc.freeze()

@@ -253,6 +253,9 @@ LEDGER_PENDING_WARNING_SECONDS = env_float("LEDGER_PENDING_WARNING_SECONDS", 60.
 # (CONFIG GET) at start and in readiness; "trust" is for a managed Redis that persists but
 # hides CONFIG.
 LEDGER_REDIS_PERSISTENCE = env_choice("LEDGER_REDIS_PERSISTENCE", "require", ("require", "trust"))
+# Gateways keep what they shipped to the stream this long, and ship it again if Redis restarts
+# meanwhile: the append-only file is written up to a second or two after Redis acknowledged.
+LEDGER_SHIPPED_RETENTION_SECONDS = env_float("LEDGER_SHIPPED_RETENTION_SECONDS", 60.0, minimum=5.0)
 CELERY_BEAT_SCHEDULE = {
     "drain-ledger": {"task": "quotas.tasks.drain_ledger", "schedule": LEDGER_DRAIN_SECONDS},
     "scrape-sglang": {

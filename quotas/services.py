@@ -16,8 +16,8 @@ from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from accounts.models import ApiKey
-from accounts.services import KEY_LIMIT_FIELDS
+from accounts.models import ApiKey, AuditAction
+from accounts.services import KEY_LIMIT_FIELDS, changes, record_audit
 from quotas.models import LedgerDeadLetter, Plan, UsageRecord, UserQuota
 from quotas.request_policy import RequestAccess, user_cache_salt
 from tokenlimit.ledger_rows import (
@@ -60,29 +60,39 @@ def default_plan() -> Plan:
 
 
 def set_user_quota(
-    user: User, plan: Plan, *, description: str | None = None, **overrides: Any
+    user: User,
+    plan: Plan,
+    *,
+    actor: User | None,
+    actor_label: str | None = None,
+    description: str | None = None,
+    **overrides: Any,
 ) -> tuple[UserQuota, bool]:
-    """Put a user on a plan with optional overrides; returns (quota, changed)."""
+    """Put a user on a plan with optional overrides; returns (quota, changed). A change is
+    audited (the changed fields, old and new) in the same transaction; no change, no row."""
     unknown = set(overrides) - set(LIMIT_FIELDS) - {"allowed_models"}
     if unknown:
         raise ValueError(f"unknown quota fields: {sorted(unknown)}")
-    quota = UserQuota.objects.filter(user=user).first()
-    if quota is None:
-        quota = UserQuota(user=user, plan=plan)
-        changed = True
-    else:
-        changed = quota.plan_id != plan.pk
-        quota.plan = plan
     wanted: dict[str, Any] = dict(overrides)
     if description is not None:
         wanted["description"] = description
-    for field, value in wanted.items():
-        if getattr(quota, field) != value:
-            setattr(quota, field, value)
-            changed = True
-    if changed:
-        quota.save()
-    return quota, changed
+    with transaction.atomic():
+        quota = UserQuota.objects.select_related("plan").filter(user=user).first()
+        old_plan = quota.plan if quota is not None else None
+        if quota is None:
+            quota = UserQuota(user=user, plan=plan)
+        details = changes({field: getattr(quota, field) for field in wanted}, wanted)
+        if old_plan is None or old_plan.pk != plan.pk:
+            # Plans by name: an id means nothing to whoever reads the audit log.
+            old_name = old_plan.name if old_plan is not None else None
+            details = {"plan": {"old": old_name, "new": plan.name}, **details}
+        if details:
+            quota.plan = plan
+            for field in details.keys() - {"plan"}:
+                setattr(quota, field, wanted[field])
+            quota.save()
+            record_audit(actor, AuditAction.QUOTA_CHANGED, user, details, actor_label)
+    return quota, bool(details)
 
 
 def load_key_grant(key_hash: str) -> KeyGrant | None:
@@ -299,14 +309,20 @@ LEDGER_INSERT_SQL = (
 )
 
 
-def set_plan_limits(plan: Plan, **limits: int) -> bool:
-    """Set some of a plan's limits; returns whether anything changed (nothing is written if not)."""
+def set_plan_limits(
+    plan: Plan, *, actor: User | None, actor_label: str | None = None, **limits: int
+) -> bool:
+    """Set some of a plan's limits; returns whether anything changed (nothing is written if not:
+    neither the plan nor an audit row)."""
     unknown = set(limits) - set(LIMIT_FIELDS)
     if unknown:
         raise ValueError(f"unknown plan limits: {sorted(unknown)}")
-    changed = [field for field, value in limits.items() if getattr(plan, field) != value]
-    for field in changed:
+    details = changes({field: getattr(plan, field) for field in limits}, limits)
+    if not details:
+        return False
+    for field in details:
         setattr(plan, field, limits[field])
-    if changed:
-        plan.save(update_fields=changed)
-    return bool(changed)
+    with transaction.atomic():
+        plan.save(update_fields=list(details))
+        record_audit(actor, AuditAction.PLAN_CHANGED, plan, details, actor_label)
+    return True

@@ -1,48 +1,83 @@
-"""The ledger row as it travels (spool line, Redis stream entry) and its normalisation.
+"""The ledger row: its one schema, how it travels (spool line, Redis stream entry) and how it
+is fitted to the ledger's columns.
 
-A row is a tuple in LEDGER_COLUMNS order with times as epoch seconds. Every value that reaches
-a row came from outside at some point (an upstream's error type, a client's model name, a
-count an upstream reported), so `clean_row` fits each value to its column: strings cut to the
-column's length with NUL bytes and unencodable surrogates removed, integers into the column's
-range, floats finite, unknown enum values to a fallback. The gateway applies it where the
-event is built and the writer again at the write site, so that a row from an older or newer
-gateway (a rolling deploy) cannot stop the ledger either. What still cannot be written goes to
-the dead-letter table (quotas/services.py), never back into the batch.
+`UsageRow` is the schema: named fields, the same names as the UsageRecord columns (a test holds
+the two together), and a version. On the wire a row is a JSON object with `"v"` and the field
+names, so a reader never depends on positions: a row from an older writer (missing fields) gets
+the defaults, a row from a newer one (extra fields) keeps the fields this version knows, and
+positional lists, which gateways wrote before the schema had names, are read by their frozen
+legacy order. Nothing is ever shifted into the wrong column; what is not a row is dead-lettered.
+
+Every value that reaches a row came from outside at some point (an upstream's error type, a
+client's model name, a count an upstream reported), so `clean_row` fits each value to its
+column: strings cut to the column's length with NUL bytes and unencodable surrogates removed,
+integers into the column's range, floats finite, unknown enum values to a fallback. The gateway
+applies it where the row is built and the writer again at the write site, so that a row from
+an older or newer gateway (a rolling deploy) cannot stop the ledger either. What still cannot
+be written goes to the dead-letter table (quotas/services.py), never back into the batch.
 
 No Django imports: the gateway's hot path imports this module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-# Column order of ledger rows (the UsageRecord columns the writer fills).
-LEDGER_COLUMNS = (
-    "request_id",
-    "user_id",
-    "api_key_id",
-    "model",
-    "endpoint",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "estimated_prompt_tokens",
-    "usage_source",
-    "status_code",
-    "error_type",
-    "streamed",
-    "client_disconnected",
-    "started_at",
-    "finished_at",
-    "upstream_latency_ms",
-    "time_to_first_token_ms",
-)
+import orjson
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(slots=True)
+class UsageRow:
+    """One request's line in the ledger (quotas.models.UsageRecord, column for column)."""
+
+    request_id: str
+    user_id: int | None
+    api_key_id: int | None
+    model: str
+    endpoint: str
+    status_code: int
+    streamed: bool
+    started_at: float  # epoch seconds
+    finished_at: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    estimated_prompt_tokens: int = 0  # the gateway's own count of the prompt
+    usage_source: str = "none"
+    error_type: str = ""
+    client_disconnected: bool = False
+    upstream_latency_ms: float | None = None
+    time_to_first_token_ms: float | None = None
+
+
+FIELDS = tuple(dataclasses.fields(UsageRow))
+# The order of the tuples the writer inserts (quotas/services.py).
+LEDGER_COLUMNS = tuple(f.name for f in FIELDS)
+REQUIRED = frozenset(f.name for f in FIELDS if f.default is dataclasses.MISSING)
+DEFAULTS = {f.name: f.default for f in FIELDS if f.default is not dataclasses.MISSING}
+# The positional rows gateways wrote before version 1 (spool files and stream entries may
+# still hold them during an upgrade). Frozen: never edit, never reorder.
+LEGACY_COLUMNS = (
+    "request_id", "user_id", "api_key_id", "model", "endpoint", "prompt_tokens",
+    "completion_tokens", "cached_tokens", "estimated_prompt_tokens", "usage_source",
+    "status_code", "error_type", "streamed", "client_disconnected", "started_at", "finished_at",
+    "upstream_latency_ms", "time_to_first_token_ms",
+)  # fmt: skip
 STARTED_AT = LEDGER_COLUMNS.index("started_at")
 FINISHED_AT = LEDGER_COLUMNS.index("finished_at")
 API_KEY_ID = LEDGER_COLUMNS.index("api_key_id")
-REQUEST_ID = LEDGER_COLUMNS.index("request_id")
+
+
+def to_wire(row: UsageRow) -> bytes:
+    """The row as one JSON object with its schema version (orjson takes the dataclass as is)."""
+    return b'{"v":%d,' % SCHEMA_VERSION + orjson.dumps(row)[1:]
+
 
 # Column bounds, as in quotas/models.py (PositiveIntegerField, BigAutoField, …).
 INT_MAX = 2**31 - 1
@@ -111,41 +146,72 @@ def usage_source(value: Any, tokens: int) -> str:
     return "gateway" if tokens else "none"
 
 
-def clean_row(row: Sequence[Any], now: Callable[[], float]) -> tuple[Any, ...]:
-    """`row` fitted to the ledger's columns; BadRow if it is not a ledger row at all."""
-    if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
-        raise BadRow(f"a ledger row is a list, not {type(row).__name__}")
-    if len(row) != len(LEDGER_COLUMNS):
-        raise BadRow(f"a ledger row has {len(LEDGER_COLUMNS)} values, this one {len(row)}")
-    request_id = text(row[0], 64)
+def named(raw: Any) -> dict[str, Any]:
+    """A transported row as field → value, by name; BadRow if it is not a ledger row at all."""
+    if isinstance(raw, Mapping):
+        version = raw.get("v")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise BadRow(f"a ledger row needs a schema version, not {version!r}")
+        values = {name: raw[name] for name in LEDGER_COLUMNS if name in raw}
+    elif isinstance(raw, Sequence) and not isinstance(raw, (str, bytes)):
+        if len(raw) != len(LEGACY_COLUMNS):
+            raise BadRow(
+                f"a positional ledger row has {len(LEGACY_COLUMNS)} values, this one {len(raw)}"
+            )
+        values = dict(zip(LEGACY_COLUMNS, raw, strict=True))
+    else:
+        raise BadRow(f"a ledger row is an object, not {type(raw).__name__}")
+    missing = REQUIRED - values.keys()
+    if missing:
+        raise BadRow(f"a ledger row needs {', '.join(sorted(missing))}")
+    return {**DEFAULTS, **values}
+
+
+def clean_row(raw: Any, now: Callable[[], float]) -> tuple[Any, ...]:
+    """`raw` (a UsageRow, or a row as transported) fitted to the ledger's columns, as a tuple
+    in LEDGER_COLUMNS order; BadRow if it is not a ledger row at all."""
+    if isinstance(raw, UsageRow):
+        row = {name: getattr(raw, name) for name in LEDGER_COLUMNS}  # asdict() deep-copies: slow
+    else:
+        row = named(raw)
+    request_id = text(row["request_id"], 64)
     if not request_id:
         raise BadRow("a ledger row needs a request id")
-    prompt, completion = integer(row[5], INT_MAX), integer(row[6], INT_MAX)
-    finished = epoch(row[FINISHED_AT], 0.0) or now()
-    return (
-        request_id,
-        optional_id(row[1]),
-        optional_id(row[2]),
-        text(row[3], 200),
-        text(row[4], 40),
-        prompt,
-        completion,
-        integer(row[7], INT_MAX),
-        integer(row[8], INT_MAX),
-        usage_source(row[9], prompt + completion),
-        integer(row[10], SMALLINT_MAX),
-        text(row[11], 60),
-        bool(row[12]),
-        bool(row[13]),
-        epoch(row[STARTED_AT], finished),
-        finished,
-        milliseconds(row[16]),
-        milliseconds(row[17]),
-    )
+    prompt = integer(row["prompt_tokens"], INT_MAX)
+    completion = integer(row["completion_tokens"], INT_MAX)
+    finished = epoch(row["finished_at"], 0.0) or now()
+    fitted = {
+        "request_id": request_id,
+        "user_id": optional_id(row["user_id"]),
+        "api_key_id": optional_id(row["api_key_id"]),
+        "model": text(row["model"], 200),
+        "endpoint": text(row["endpoint"], 40),
+        "status_code": integer(row["status_code"], SMALLINT_MAX),
+        "streamed": bool(row["streamed"]),
+        "started_at": epoch(row["started_at"], finished),
+        "finished_at": finished,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": integer(row["cached_tokens"], INT_MAX),
+        "estimated_prompt_tokens": integer(row["estimated_prompt_tokens"], INT_MAX),
+        "usage_source": usage_source(row["usage_source"], prompt + completion),
+        "error_type": text(row["error_type"], 60),
+        "client_disconnected": bool(row["client_disconnected"]),
+        "upstream_latency_ms": milliseconds(row["upstream_latency_ms"]),
+        "time_to_first_token_ms": milliseconds(row["time_to_first_token_ms"]),
+    }
+    return tuple(fitted[name] for name in LEDGER_COLUMNS)
+
+
+def fitted(row: UsageRow, now: Callable[[], float]) -> UsageRow:
+    """`row` with every value fitted to its column (what the gateway spools)."""
+    return UsageRow(*clean_row(row, now))
 
 
 def request_id_of(raw: Any) -> str:
     """The request id of something that was meant to be a row, for the dead-letter list."""
+    if isinstance(raw, Mapping):
+        return text(raw.get("request_id"), 64)
     if isinstance(raw, (list, tuple)) and raw:
-        return text(raw[REQUEST_ID], 64)
+        return text(raw[0], 64)
     return ""

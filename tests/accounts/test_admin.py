@@ -268,7 +268,7 @@ def test_revoke_action(client: Client, data: None) -> None:
 
 def test_the_key_hash_is_never_shown(client: Client) -> None:
     user = User.objects.create_user("홍길동")
-    key, _raw = create_api_key(user)
+    key, _raw = create_api_key(user, actor=None)
 
     pages = [
         client.get(url(ApiKey, "changelist")),

@@ -64,7 +64,7 @@ class World:
 
 
 MONITORING_TOKEN = "test-monitoring-token-0123456789abcdef"
-# The simulator's test hooks travel in the body as `sim` (gateway/simulator.py): a field the
+# The simulator's test hooks travel in the body as `sim` (sglang_sim/server.py): a field the
 # gateway refuses unless a plan enables it, as an operator would enable any extra field.
 HOOKS_PLAN = "simulator-hooks"
 
@@ -83,8 +83,8 @@ def make_user(username: str, plan: Any = None, **overrides: Any) -> tuple[Any, s
     from quotas.services import default_plan, set_user_quota
 
     user, _ = get_or_create_user(username)
-    set_user_quota(user, plan or default_plan(), **overrides)
-    _, raw = create_api_key(user, name=f"{username} test key")
+    set_user_quota(user, plan or default_plan(), actor=None, **overrides)
+    _, raw = create_api_key(user, actor=None, name=f"{username} test key")
     return user, raw
 
 

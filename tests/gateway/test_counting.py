@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
+import httpx2
 import pytest
 
 from gateway.caches import ModelInfo
@@ -86,8 +88,45 @@ def test_counting_a_huge_prompt_leaves_the_event_loop_running() -> None:
     assert worst_lag < 0.3 * took, (worst_lag, took)
 
 
-def test_the_tokenizer_loads_once_per_process() -> None:
-    assert get_counter(MODEL.name) is get_counter(MODEL.name)
+@pytest.mark.django_db(transaction=True)
+def test_a_model_edit_changes_the_count_without_a_restart(settings: Any) -> None:
+    """Editing a model's Korean factor (or tokenizer) in the admin reaches a running gateway
+    within the key-cache interval: counters are cached by everything that changes a count."""
+    from gateway.app import Gateway
+    from gateway.models import ServedModel
+    from tests.gateway.conftest import make_user
+
+    settings.REDIS_URL = ""
+    settings.GATEWAY_KEY_CACHE_SECONDS = 0.2
+    served = ServedModel.objects.create(
+        name="estimated-ko", tokenizer="", korean_factor=1.0, upstream_url="http://127.0.0.1:9"
+    )
+    _, key = make_user("모델편집")
+    gateway = Gateway()
+    body = {"model": "estimated-ko", "prompt": "한국어 문장의 토큰 수를 셉니다. " * 20}
+
+    async def count() -> int:
+        transport = httpx2.ASGITransport(app=gateway)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://gw") as http:
+            response = await http.post(
+                "/v1/tokenize", json=body, headers={"Authorization": f"Bearer {key}"}
+            )
+            assert response.status_code == 200, response.text
+            return int(response.json()["count"])
+
+    async def scenario() -> tuple[int, int]:
+        before = await count()
+        await asyncio.to_thread(ServedModel.objects.filter(pk=served.pk).update, korean_factor=2.0)
+        deadline = time.monotonic() + 10
+        after = before
+        while after == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            after = await count()
+        await gateway.close()
+        return before, after
+
+    before, after = asyncio.run(scenario())
+    assert after > 1.5 * before, (before, after)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ import httpx
 import pytest
 import redis
 
-from gateway.ledger import LedgerWriter, OpenRequest
+from gateway.ledger import LedgerWriter, RequestFacts
 from quotas.models import UsageRecord
 from tests.gateway.conftest import FAST_MODEL, database_url_for_subprocess, gateway_args, make_user
 from tests.procs import free_port, ledger_worker, running, simulator
@@ -57,17 +57,18 @@ KILLED_WRITER = """
 import os, signal, sys, time, django
 django.setup()
 from pathlib import Path
-from gateway.ledger import LedgerWriter, OpenRequest, UsageEvent
+from gateway.ledger import LedgerWriter, RequestFacts
+from tokenlimit.ledger_rows import UsageRow
 ledger = LedgerWriter(3600, 10_000, Path(sys.argv[1]))
 now = time.time()
 def opened(rid, streamed):
     scopes = [[f"u:{USER}", 0, 1000, 0, 0, 0, 8]]
-    ledger.open(OpenRequest(rid, USER, KEY, "m", "chat/completions", streamed, now, 30, scopes))
+    ledger.open(RequestFacts(rid, USER, KEY, "m", "chat/completions", streamed, now, 30, scopes))
 opened("streaming", True)
 opened("waiting", False)
 opened("finished", True)
 ledger.progress("streaming", 40, True)
-done = UsageEvent("finished", USER, KEY, "m", "chat/completions", 200, True, now, now, 30, 9)
+done = UsageRow("finished", USER, KEY, "m", "chat/completions", 200, True, now, now, 30, 9)
 ledger.record(done)
 ledger.flush()  # shipped: the open lines live on only in the next segment
 ledger.progress("streaming", 57, True)
@@ -82,7 +83,7 @@ def test_open_requests_of_a_killed_writer_are_closed_as_interrupted(
     from accounts.services import create_api_key, get_or_create_user
 
     user, _ = get_or_create_user("중단")
-    key, _ = create_api_key(user)
+    key, _ = create_api_key(user, actor=None)
     script = (
         textwrap.dedent(KILLED_WRITER).replace("USER", str(user.pk)).replace("KEY", str(key.pk))
     )
@@ -123,7 +124,7 @@ def test_a_reused_pid_does_not_hide_a_dead_writer(adopter: LedgerWriter, tmp_pat
     Its lock decides, not its PID."""
     owner = f"{socket.gethostname()}~{os.getpid()}~deadbeef"
     (tmp_path / f"{owner}.lock").write_text("")  # nobody holds it
-    request = OpenRequest("same-pid", 1, 1, "m", "chat/completions", True, time.time(), 12, [])
+    request = RequestFacts("same-pid", 1, 1, "m", "chat/completions", True, time.time(), 12, [])
     line = json.dumps({"open": asdict(request)})
     (tmp_path / f"{owner}~1.open").write_text(line + "\n")
     closed = adopter.adopt_dead()
@@ -148,7 +149,7 @@ def test_a_running_gateway_adopts_a_neighbour_that_died(settings: Any, tmp_path:
         await gateway._lifespan_startup()
         try:
             owner = f"{socket.gethostname()}~999999~neighbour"
-            request = OpenRequest("neighbour", 1, 1, "m", "chat/completions", True, time.time(), 9)
+            request = RequestFacts("neighbour", 1, 1, "m", "chat/completions", True, time.time(), 9)
             line = json.dumps({"open": asdict(request)}) + "\n"
             (tmp_path / f"{owner}~1.open").write_text(line)
             (tmp_path / f"{owner}.lock").write_text("")  # its writer is gone: nobody holds it

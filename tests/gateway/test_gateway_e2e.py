@@ -167,7 +167,7 @@ def test_revoked_key_stops_working_within_five_seconds(world: World) -> None:
     client = sdk(world, raw)
     client.models.list()  # now cached in the gateway
     with world.db():
-        revoke_api_keys(list(ApiKey.objects.filter(key_hash=hash_key(raw))))
+        revoke_api_keys(list(ApiKey.objects.filter(key_hash=hash_key(raw))), actor=None)
     revoked_at = time.monotonic()
     while True:
         try:
@@ -187,7 +187,7 @@ def test_expired_key_is_401(world: World) -> None:
 
     with world.db():
         user, _ = get_or_create_user("expired-key-user")
-        _, raw = create_api_key(user, expires_at=timezone.now() - timedelta(seconds=1))
+        _, raw = create_api_key(user, actor=None, expires_at=timezone.now() - timedelta(seconds=1))
     with pytest.raises(openai.AuthenticationError):
         sdk(world, raw).models.list()
 

@@ -98,7 +98,7 @@ def test_a_plan_sets_priority_and_isolates_the_prefix_cache_per_user(world: Worl
         )
         first, key_a = make_user("격리1", plan)
         _, key_b = make_user("격리2", plan)
-        _, key_a2 = create_api_key(first, name="second")
+        _, key_a2 = create_api_key(first, actor=None, name="second")
     salts = []
     try:
         for key in (key_a, key_a2, key_b):

@@ -245,7 +245,7 @@ def test_the_same_file_twice_is_imported_once() -> None:
 
 def test_a_revoked_key_stays_revoked() -> None:
     run(SERVER_FILE, USERS_FILE)
-    revoke_api_keys(key_ids=list(ApiKey.objects.values_list("pk", flat=True)))
+    revoke_api_keys(key_ids=list(ApiKey.objects.values_list("pk", flat=True)), actor=None)
 
     out, _err = run(SERVER_FILE, USERS_FILE)
 
@@ -543,7 +543,7 @@ def test_warns_about_quick_start_keys_when_debug_is_off(settings: Any) -> None:
 
 def test_no_warning_once_the_quick_start_keys_are_revoked(settings: Any) -> None:
     run(SERVER_FILE, USERS_FILE)
-    revoke_api_keys(key_ids=list(ApiKey.objects.values_list("pk", flat=True)))
+    revoke_api_keys(key_ids=list(ApiKey.objects.values_list("pk", flat=True)), actor=None)
     settings.DEBUG = False
 
     _out, err = run(SERVER_FILE)

@@ -22,11 +22,20 @@ import pytest
 import redis as redis_lib
 
 from accounts.services import create_api_key, get_or_create_user
-from gateway.ledger import LedgerWriter, UsageEvent, event_row
+from gateway.ledger import LedgerWriter
 from quotas import ledger_stream
 from quotas.models import LedgerDeadLetter, UsageRecord
 from tokenlimit import ledger_rows
-from tokenlimit.ledger_rows import BIGINT_MAX, INT_MAX, BadRow, clean_row
+from tokenlimit.ledger_rows import (
+    BIGINT_MAX,
+    INT_MAX,
+    LEDGER_COLUMNS,
+    BadRow,
+    UsageRow,
+    clean_row,
+    fitted,
+    to_wire,
+)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 LONG_TYPE = "x" * 61
@@ -34,17 +43,17 @@ HUGE_TYPE = "오류" * 5000  # 10,000 characters
 BEYOND_BIGINT = 2**70
 
 
-def hostile_events(user_id: int, key_id: int) -> list[UsageEvent]:
+def hostile_events(user_id: int, key_id: int) -> list[UsageRow]:
     """What an upstream or client could put into an event, one poison per event."""
     now = time.time()
 
-    def event(**fields: Any) -> UsageEvent:
+    def event(**fields: Any) -> UsageRow:
         base: dict[str, Any] = {
-            "request_id": uuid.uuid4().hex, "user_id": user_id, "key_id": key_id,
+            "request_id": uuid.uuid4().hex, "user_id": user_id, "api_key_id": key_id,
             "model": "m", "endpoint": "chat/completions", "status_code": 502, "streamed": False,
             "started_at": now, "finished_at": now + 0.1,
         }  # fmt: skip
-        return UsageEvent(**{**base, **fields})
+        return UsageRow(**{**base, **fields})
 
     return [
         event(error_type=LONG_TYPE),
@@ -52,28 +61,62 @@ def hostile_events(user_id: int, key_id: int) -> list[UsageEvent]:
         event(completion_tokens=BEYOND_BIGINT, prompt_tokens=-5),
         event(model="qwen\x00evil", error_type="nul\x00byte"),
         event(error_type="\ud800lone surrogate", upstream_latency_ms=math.nan),
-        event(status_code=70000, ttft_ms=math.inf, usage_source="made-up"),
+        event(status_code=70000, time_to_first_token_ms=math.inf, usage_source="made-up"),
     ]
 
 
+def by_name(row: tuple[Any, ...]) -> dict[str, Any]:
+    return dict(zip(LEDGER_COLUMNS, row, strict=True))
+
+
+def wire(row: UsageRow) -> dict[str, Any]:
+    """The row as the spool and the stream carry it, after the gateway fitted it."""
+    return dict(json.loads(to_wire(fitted(row, time.time))))
+
+
 def test_values_are_fitted_to_their_columns() -> None:
-    row = clean_row(
+    # A positional row, as gateways wrote before the schema had names: read by its legacy order.
+    row = by_name(clean_row(
         ["r" * 100, BEYOND_BIGINT, -1, "m" * 300, "e", BEYOND_BIGINT, -3, "7", 2.9, "??", 99999,
          HUGE_TYPE, 1, 0, math.nan, 1e300, -4.0, math.inf],
         lambda: 1000.0,
-    )  # fmt: skip
-    assert row[0] == "r" * 64 and row[1] == BIGINT_MAX and row[2] == 0
-    assert len(row[3]) == 200 and row[5] == INT_MAX and row[6] == 0 and row[7] == 7
-    assert row[8] == 2 and row[9] == "gateway" and row[10] == 2**15 - 1
-    assert len(row[11]) == 60 and row[12] is True and row[13] is False
-    assert row[15] == ledger_rows.LATEST_EPOCH and row[14] == row[15]  # start falls back to end
-    assert row[16] == 0.0 and row[17] is None
-    assert clean_row([*row[:11], "a\x00b\ud800", *row[12:]], time.time)[11] == "ab?"
+    ))  # fmt: skip
+    assert row["request_id"] == "r" * 64 and row["user_id"] == BIGINT_MAX
+    assert row["api_key_id"] == 0 and len(row["model"]) == 200
+    assert row["prompt_tokens"] == INT_MAX and row["completion_tokens"] == 0
+    assert row["cached_tokens"] == 7 and row["estimated_prompt_tokens"] == 2
+    assert row["usage_source"] == "gateway" and row["status_code"] == 2**15 - 1
+    assert len(row["error_type"]) == 60 and row["streamed"] is True
+    assert row["client_disconnected"] is False
+    assert row["finished_at"] == ledger_rows.LATEST_EPOCH
+    assert row["started_at"] == row["finished_at"]  # start falls back to end
+    assert row["upstream_latency_ms"] == 0.0 and row["time_to_first_token_ms"] is None
+    named = {"v": 1, "request_id": "n", "user_id": 1, "api_key_id": None, "model": "m",
+             "endpoint": "e", "status_code": 200, "streamed": False, "started_at": 1.0,
+             "finished_at": 2.0, "error_type": "a\x00b\ud800"}  # fmt: skip
+    assert by_name(clean_row(named, time.time))["error_type"] == "ab?"
+
+
+def test_rows_of_other_schema_versions_are_read_by_name_never_shifted() -> None:
+    now = time.time()
+    current = wire(UsageRow("cur", 1, 2, "m", "e", 429, False, now, now, error_type="tokens"))
+    # A newer writer added a column this reader does not have: the known ones are read.
+    newer = {**current, "v": 2, "request_id": "new", "queue_ms": 12.5}
+    newer_row = by_name(clean_row(newer, time.time))
+    assert (newer_row["status_code"], newer_row["error_type"]) == (429, "tokens")
+    # An older writer without some optional columns: their defaults.
+    older = {k: v for k, v in current.items() if k not in ("cached_tokens", "usage_source")}
+    older_row = by_name(clean_row({**older, "request_id": "old"}, time.time))
+    assert older_row["cached_tokens"] == 0 and older_row["status_code"] == 429
+    # Keys are in the fields' order on the wire, whatever LEDGER_COLUMNS' order becomes.
+    assert list(current)[1:] == list(LEDGER_COLUMNS)
 
 
 @pytest.mark.parametrize(
-    "raw", [["only", "two"], "a string", {"a": "dict"}, 42, [None] * 18, ["", *[0] * 17]]
-)
+    "raw",
+    [["only", "two"], "a string", {"a": "dict"}, 42, [None] * 18, ["", *[0] * 17],
+     {"v": 1, "request_id": "no-status"}, {"v": "1", "request_id": "x"}],
+)  # fmt: skip
 def test_what_is_not_a_row_is_refused(raw: Any) -> None:
     with pytest.raises(BadRow):
         clean_row(raw, time.time)
@@ -92,13 +135,12 @@ def writer(tmp_path: Path) -> Iterator[Callable[[], LedgerWriter]]:
         ledger.close()
 
 
-def spool_poison(ledger: LedgerWriter, good: UsageEvent) -> None:
+def spool_poison(ledger: LedgerWriter, good: UsageRow) -> None:
     """Lines no current gateway writes (an old or broken one might): not JSON, the wrong shape,
     an unfitted row."""
     ledger.start()
     assert ledger._spool is not None
-    unfitted = list(event_row(good))
-    unfitted[0], unfitted[11] = uuid.uuid4().hex, LONG_TYPE
+    unfitted = {**wire(good), "request_id": uuid.uuid4().hex, "error_type": LONG_TYPE}
     for line in ("not json at all", '["wrong", "shape"]', json.dumps(unfitted)):
         ledger._spool.append(line.encode(), event=True)
 
@@ -109,7 +151,7 @@ def test_embedded_path_hostile_values_arrive_fitted_and_later_rows_flow(
 ) -> None:
     settings.REDIS_URL = ""
     user, _ = get_or_create_user("독성")
-    key, _ = create_api_key(user)
+    key, _ = create_api_key(user, actor=None)
     ledger = writer()
     hostile = hostile_events(user.pk, key.pk)
     for event in hostile:
@@ -142,11 +184,13 @@ def test_a_batch_failing_in_the_database_is_retried_row_by_row(
     user, _ = get_or_create_user("한줄씩")
     now = time.time()
     rows = [
-        [uuid.uuid4().hex, user.pk, None, "m", "e", 1, 2, 0, 1, "upstream", 200, kind, False,
-         False, now, now, None, None]
+        wire(UsageRow(uuid.uuid4().hex, user.pk, None, "m", "e", 200, False, now, now, 1, 2))
+        | {"error_type": kind}
         for kind in ("", LONG_TYPE, "", "nul\x00", "")
-    ]  # fmt: skip
-    monkeypatch.setattr(services, "clean_row", lambda row, now: tuple(row))
+    ]
+    monkeypatch.setattr(
+        services, "clean_row", lambda row, now: tuple(row[name] for name in LEDGER_COLUMNS)
+    )
     assert services.record_usage_rows(rows, "stream") == 2
     assert UsageRecord.objects.filter(user=user).count() == 3
     errors = list(LedgerDeadLetter.objects.values_list("error", flat=True))
@@ -160,11 +204,11 @@ def test_stream_path_dead_letters_and_drains_the_rest(settings: Any, redis_url: 
     connection = redis_lib.Redis.from_url(redis_url)
     try:
         user, _ = get_or_create_user("독성스트림")
-        key, _ = create_api_key(user)
+        key, _ = create_api_key(user, actor=None)
         hostile = hostile_events(user.pk, key.pk)
-        good = [json.dumps(event_row(e)) for e in hostile]
-        unfitted = list(event_row(hostile[0]))
-        unfitted[0], unfitted[5] = uuid.uuid4().hex, BEYOND_BIGINT
+        good = [json.dumps(wire(e)) for e in hostile]
+        unfitted = {**wire(hostile[0]), "request_id": uuid.uuid4().hex}
+        unfitted["prompt_tokens"] = BEYOND_BIGINT
         ledger_stream.append_lines(
             connection, [*good[:3], "{torn", json.dumps(unfitted), '["x"]', *good[3:]]
         )
@@ -212,14 +256,15 @@ from django.conf import settings
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
 from pathlib import Path
-from gateway.ledger import LedgerWriter, UsageEvent, event_row
+from gateway.ledger import LedgerWriter
+from tokenlimit.ledger_rows import UsageRow, fitted, to_wire
 from quotas import ledger_stream
 from quotas.models import LedgerDeadLetter, UsageRecord
 now = time.time()
 def event(i, **kw):
-    base = dict(request_id=f"{PATH}-{i}", user_id=1, key_id=1, model="m", endpoint="e",
+    base = dict(request_id=f"{PATH}-{i}", user_id=1, api_key_id=1, model="m", endpoint="e",
                 status_code=200, streamed=False, started_at=now, finished_at=now)
-    return UsageEvent(**{**base, **kw})
+    return UsageRow(**{**base, **kw})
 hostile = [event(0, error_type="x" * 61), event(1, error_type="y" * 10000),
            event(2, completion_tokens=2**70), event(3, model="a\\x00b")]
 ledger = LedgerWriter(3600, 10_000, Path(sys.argv[1]))
@@ -227,7 +272,8 @@ for e in hostile:
     ledger.record(e)
 ledger.start()
 ledger._spool.append(b"garbage", event=True)
-unfitted = list(event_row(hostile[0])); unfitted[0] = f"{PATH}-raw"; unfitted[5] = 2**70
+unfitted = json.loads(to_wire(fitted(hostile[0], time.time)))
+unfitted["request_id"] = f"{PATH}-raw"; unfitted["prompt_tokens"] = 2**70
 ledger._spool.append(json.dumps(unfitted).encode(), event=True)
 ledger.record(event(9))
 ledger.flush()

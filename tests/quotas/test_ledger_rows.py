@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from accounts.services import create_api_key, get_or_create_user
-from gateway.ledger import LedgerWriter, UsageEvent
+from gateway.ledger import LedgerWriter
 from quotas.models import UsageRecord
+from tokenlimit.ledger_rows import UsageRow
 
 pytestmark = pytest.mark.django_db
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -27,13 +28,13 @@ def embedded(settings) -> None:
     settings.REDIS_URL = ""
 
 
-def events(user_id: int, key_id: int, count: int) -> list[UsageEvent]:
+def events(user_id: int, key_id: int, count: int) -> list[UsageRow]:
     now = time.time()
     return [
-        UsageEvent(
+        UsageRow(
             request_id=uuid.uuid4().hex,
             user_id=user_id,
-            key_id=key_id,
+            api_key_id=key_id,
             model="Qwen/Qwen2.5-7B-Instruct",
             endpoint="chat/completions",
             status_code=200,
@@ -42,7 +43,7 @@ def events(user_id: int, key_id: int, count: int) -> list[UsageEvent]:
             finished_at=now + i + 0.5,
             prompt_tokens=10 + i,
             completion_tokens=20,
-            ttft_ms=12.5,
+            time_to_first_token_ms=12.5,
         )
         for i in range(count)
     ]
@@ -65,7 +66,7 @@ def test_a_batch_is_written_once_with_constant_queries(
     writer: Callable[..., LedgerWriter], tmp_path: Path, django_assert_max_num_queries
 ) -> None:
     user, _ = get_or_create_user("원장")
-    key, _ = create_api_key(user)
+    key, _ = create_api_key(user, actor=None)
     batch = events(user.pk, key.pk, 300)
     ledger = writer(tmp_path)
     for event in batch:
@@ -95,7 +96,7 @@ def test_events_wait_on_disk_while_the_database_fails(
     writer: Callable[..., LedgerWriter], tmp_path: Path, monkeypatch
 ) -> None:
     user, _ = get_or_create_user("대기")
-    key, _ = create_api_key(user)
+    key, _ = create_api_key(user, actor=None)
     ledger = writer(tmp_path)
     for event in events(user.pk, key.pk, 5):
         ledger.record(event)
@@ -123,19 +124,20 @@ def test_events_of_a_killed_process_are_shipped_by_the_next_one(
     writer: Callable[..., LedgerWriter], tmp_path: Path
 ) -> None:
     user, _ = get_or_create_user("부활")
-    key, _ = create_api_key(user)
+    key, _ = create_api_key(user, actor=None)
     script = textwrap.dedent(
         f"""
         import os, signal, time, django
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "limiter_site.settings")
         django.setup()
         from pathlib import Path
-        from gateway.ledger import LedgerWriter, UsageEvent
+        from gateway.ledger import LedgerWriter
+        from tokenlimit.ledger_rows import UsageRow
         spool = Path({str(tmp_path)!r})
         ledger = LedgerWriter(flush_seconds=3600, max_pending=10_000, spool_dir=spool)
         for i in range(250):
             now = time.time()
-            ledger.record(UsageEvent(f"killed-{{i}}", {user.pk}, {key.pk}, "m", "chat/completions",
+            ledger.record(UsageRow(f"killed-{{i}}", {user.pk}, {key.pk}, "m", "chat/completions",
                                      200, False, now, now, 1, 2))
         ledger._spool._file.write(b'["torn')  # killed in the middle of a line
         ledger._spool._file.flush()
@@ -160,7 +162,7 @@ def test_writers_sharing_a_spool_ship_only_their_own_segments(
     import socket
 
     user, _ = get_or_create_user("공유")
-    key, _ = create_api_key(user)
+    key, _ = create_api_key(user, actor=None)
     first, second = writer(tmp_path), writer(tmp_path)
     for event in events(user.pk, key.pk, 10):
         first.record(event)
@@ -173,3 +175,12 @@ def test_writers_sharing_a_spool_ship_only_their_own_segments(
     assert first.pending == 0 and second.pending == 0
     assert live.exists()
     assert UsageRecord.objects.filter(user=user).count() == 15
+
+
+def test_the_row_schema_is_the_ledger_table() -> None:
+    """UsageRow (tokenlimit, Django-free) and UsageRecord (the table) name the same columns:
+    adding one to either without the other fails here, not in a rolling deploy."""
+    from tokenlimit.ledger_rows import LEDGER_COLUMNS
+
+    columns = {f.attname for f in UsageRecord._meta.concrete_fields} - {"id"}
+    assert set(LEDGER_COLUMNS) == columns and len(LEDGER_COLUMNS) == len(columns)

@@ -41,7 +41,7 @@ def stream(settings: Any, redis_url: str) -> Iterator[redis_lib.Redis]:
 
 def rows_for(count: int) -> tuple[Any, list[tuple[Any, ...]]]:
     user, _ = get_or_create_user(f"원장-{uuid.uuid4().hex[:6]}")
-    key, _ = create_api_key(user)
+    key, _ = create_api_key(user, actor=None)
     now = time.time()
     rows = [
         (uuid.uuid4().hex, user.pk, key.pk, "Qwen/Qwen2.5-7B-Instruct", "chat/completions",

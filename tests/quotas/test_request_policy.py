@@ -60,8 +60,8 @@ def test_a_key_carries_its_plans_policy_in_one_query(django_assert_num_queries: 
     first, second = User.objects.create(username="가"), User.objects.create(username="나")
     keys = []
     for user in (first, second):
-        set_user_quota(user, plan)
-        keys.append(create_api_key(user)[0])
+        set_user_quota(user, plan, actor=None)
+        keys.append(create_api_key(user, actor=None)[0])
     with django_assert_num_queries(1):
         grant = load_key_grant(keys[0].key_hash)
     assert grant is not None

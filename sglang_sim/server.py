@@ -1,4 +1,4 @@
-"""SGLang SIMULATOR: a stand-in for an SGLang server on machines without a GPU.
+"""SGLang SIMULATOR: a stand-in for an SGLang server on machines without a GPU (not SGLang).
 
 It is not a model and infers nothing. It speaks SGLang's wire format (OpenAI-compatible routes,
 flat errors, native routes, Prometheus metrics with SGLang's names) and answers every request
@@ -35,8 +35,10 @@ A client disconnect cancels the handler (aiohttp `handler_cancellation=True`), w
 aborts generation; it is counted in `sglang:num_aborted_requests_total`. So is
 `POST /abort_request {"rid": …}` for a request that passed its own `rid`.
 
-The wire format (bodies, chunks, SSE, errors) is in `gateway.simulator_wire`, the Prometheus
-metrics in `gateway.simulator_metrics`.
+The wire format (bodies, chunks, SSE, errors) is in `sglang_sim.wire`, the Prometheus metrics
+in `sglang_sim.metrics`, the configuration and the request record in `sglang_sim.jobs`. `serve()`
+runs it; `python -m sglang_sim` and `manage.py simulate_sglang` parse their options in
+`sglang_sim.cli` and call it.
 """
 
 from __future__ import annotations
@@ -50,15 +52,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from prometheus_client import generate_latest
 
-from gateway.simulator_metrics import SimMetrics, ThroughputMeter
-from gateway.simulator_wire import (
+from sglang_sim.jobs import Job, SimStats, SimulatorConfig, ThroughputMeter
+from sglang_sim.metrics import SimMetrics
+from sglang_sim.wire import (
     SSE_DONE,
     SSE_HEADERS,
     ChatWire,
@@ -72,7 +75,6 @@ from tokenlimit.tokens import TokenCounter, TokenizerCounter, get_counter, sglan
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 SIMULATOR_VERSION = "0.0.0-simulator"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # SGLang's CompletionRequest.max_tokens default
 # Cut into Qwen tokens, every prefix of this paragraph (and of its repetitions joined by a
@@ -82,18 +84,6 @@ ANSWER_PARAGRAPH = (
     "안녕하세요. 저는 한국어로 답변하는 시뮬레이터입니다. 오늘은 좋은 하루가 될 것입니다. "
     "이 문장은 같은 순서로 계속 반복됩니다. 질문이 있으면 언제든지 물어보세요. 감사합니다."
 )
-
-
-@dataclass(frozen=True)
-class SimulatorConfig:
-    model: str = DEFAULT_MODEL
-    tokens_per_second: float = 100.0  # 0 = as fast as possible
-    ttft_ms: float = 50.0
-    tokenizer: str = ""
-    context_length: int = 32768
-    max_total_tokens: int = 262144
-    max_running_requests: int = 0  # 0 = no limit, nothing ever queues
-    answer_tokens: int = 64
 
 
 # --- The answer ---------------------------------------------------------------------------------
@@ -139,37 +129,6 @@ def _token_pieces(counter: TokenizerCounter, text: str) -> list[tuple[str, int]]
 
 
 # --- Requests in flight -----------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """One validated generation request and its progress."""
-
-    rid: str
-    model: str  # echoed back as the client sent it, as SGLang does
-    prompt_tokens: int
-    target: int
-    natural_stop: bool
-    stream: bool = False
-    include_usage: bool = False
-    continuous_usage: bool = False
-    cached_tokens: int = 0
-    generated: int = 0
-    finish_reason: str = ""
-    abort_requested: bool = False
-    started: float = field(default_factory=time.monotonic)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
-@dataclass
-class SimStats:
-    """What GET /sim/stats reports since the start or the last POST /sim/reset."""
-
-    requests: int = 0
-    aborted: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    peak_running: int = 0
 
 
 @dataclass
@@ -666,3 +625,30 @@ def build_app(config: SimulatorConfig) -> web.Application:
     routes += [web.get("/sim/stats", api.sim_stats), web.post("/sim/reset", api.sim_reset)]
     app.add_routes(routes)
     return app
+
+
+def serve(config: SimulatorConfig, host: str, port: int) -> None:
+    """Run the simulator on host:port until the process is stopped."""
+    app = build_app(config)
+    log.info(
+        "SGLang SIMULATOR (no model, no GPU: a canned Korean answer) for %s on http://%s:%d; "
+        "%s tokens/s, TTFT %s ms, context %d, counting with %s",
+        config.model,
+        host,
+        port,
+        config.tokens_per_second or "unlimited",
+        config.ttft_ms,
+        config.context_length,
+        app[SIMULATOR_KEY].counter.source,
+    )
+    # handler_cancellation: a client disconnect cancels the handler, which aborts generation
+    # the way SGLang aborts on disconnect. A short shutdown_timeout: streams may be mid-answer.
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        handler_cancellation=True,
+        access_log=None,
+        print=None,
+        shutdown_timeout=1.0,
+    )

@@ -1,4 +1,4 @@
-"""SGLang's wire format as the simulator (`gateway.simulator`) writes it.
+"""SGLang's wire format as the simulator (`sglang_sim.server`) writes it.
 
 Flat SGLang errors, compact JSON, SSE framing, and the chat.completion / text_completion bodies
 and stream chunks, shaped the way SGLang's OpenAI-compatible serving code shapes them.
@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from gateway.simulator import Job, Simulator
+from sglang_sim.jobs import EngineState, Job
 
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
@@ -104,7 +103,7 @@ class ChatWire:
 
     CHUNK = "chat.completion.chunk"
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: EngineState) -> None:
         self.sim = sim
 
     def opening(self, job: Job) -> list[bytes]:
@@ -139,7 +138,7 @@ class CompletionWire:
 
     KIND = "text_completion"
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: EngineState) -> None:
         self.sim = sim
 
     def text(self, job: Job, text: str, finish: str | None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.simulator import ANSWER_PARAGRAPH
+from sglang_sim.server import ANSWER_PARAGRAPH
 from tests.procs import simulator
 from tokenlimit.tokens import TokenizerCounter, get_counter
 

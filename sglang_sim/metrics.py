@@ -1,15 +1,16 @@
-"""The SGLang simulator's Prometheus metrics, under SGLang's own metric names."""
+"""The SGLang simulator's Prometheus metrics, under SGLang's own metric names.
+
+They read the engine through `sglang_sim.jobs.EngineState`, never `sglang_sim.server` itself.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-if TYPE_CHECKING:
-    from gateway.simulator import Simulator
+from sglang_sim.jobs import EngineState
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60)
 ITL_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.06, 0.08, 0.1)
@@ -17,28 +18,10 @@ E2E_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 
 QUEUE_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60)
 
 
-class ThroughputMeter:
-    """Tokens per second over the last full interval, like SGLang's last_gen_throughput."""
-
-    def __init__(self, interval: float = 5.0) -> None:
-        self.interval = interval
-        self.tokens = 0
-        self.mark = (time.monotonic(), 0)
-        self.last_rate = 0.0
-
-    def rate(self) -> float:
-        now = time.monotonic()
-        since, tokens_then = self.mark
-        if now - since >= self.interval:
-            self.last_rate = (self.tokens - tokens_then) / (now - since)
-            self.mark = (now, self.tokens)
-        return self.last_rate
-
-
 class SimMetrics:
     """SGLang's Prometheus metric names, in a registry of the simulator's own."""
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: EngineState) -> None:
         self.registry = registry = CollectorRegistry()
         model, labels = sim.config.model, ["model_name"]
 

@@ -1,0 +1,120 @@
+"""The SGLang simulator's command line: `python -m sglang_sim [options]`, without Django.
+
+`manage.py simulate_sglang` takes the same options from here and calls the same `serve()`, so the
+two cannot drift apart. The user-visible strings go through a `_` parameter: the Django command
+passes Django's gettext (Korean by default, from locale/ko), `python -m sglang_sim` shows them
+untranslated. Because they are written as `_("…")` literals, `manage.py makemessages` still finds
+them here, although this package imports no Django.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from argparse import ArgumentParser
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from sglang_sim.jobs import DEFAULT_MODEL, SimulatorConfig
+from sglang_sim.server import serve
+
+Translate = Callable[[str], str]
+
+
+def untranslated(text: str) -> str:
+    return text
+
+
+class OptionError(ValueError):
+    """An option value the simulator refuses (already translated)."""
+
+
+def describe(_: Translate = untranslated) -> str:
+    return _(
+        "Run an SGLang SIMULATOR: SGLang's HTTP API and metrics with a canned Korean answer, "
+        "for machines without a GPU. It is not a model. Test hooks: see sglang_sim/server.py."
+    )
+
+
+def add_arguments(parser: ArgumentParser, _: Translate = untranslated) -> None:
+    defaults = SimulatorConfig()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=_("Served model name (also picks the tokenizer)."),
+    )
+    parser.add_argument(
+        "--tokenizer", default="", help=_("Tokenizer directory or name (default: by model).")
+    )
+    parser.add_argument(
+        "--tokens-per-second",
+        type=float,
+        default=defaults.tokens_per_second,
+        help=_("Tokens per second per request (default %(default)s); 0: as fast as possible."),
+    )
+    parser.add_argument(
+        "--ttft-ms",
+        type=float,
+        default=defaults.ttft_ms,
+        help=_("Time to first token in milliseconds (default %(default)s)."),
+    )
+    parser.add_argument("--context-length", type=int, default=defaults.context_length)
+    parser.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=defaults.max_total_tokens,
+        help=_("KV cache size reported in metrics."),
+    )
+    parser.add_argument(
+        "--max-running-requests",
+        type=int,
+        default=defaults.max_running_requests,
+        help=_("Requests generating at once; more wait in the queue. 0 means no limit."),
+    )
+    parser.add_argument(
+        "--answer-tokens",
+        type=int,
+        default=defaults.answer_tokens,
+        help=_("Tokens in a chat answer without max_tokens (default %(default)s)."),
+    )
+
+
+def config_from_options(options: Mapping[str, Any], _: Translate = untranslated) -> SimulatorConfig:
+    """The configuration from parsed options (argparse dests); OptionError for a bad value."""
+    for name in ("tokens_per_second", "ttft_ms", "max_running_requests"):
+        if options[name] < 0:
+            raise OptionError(
+                _("--%(name)s must not be negative") % {"name": name.replace("_", "-")}
+            )
+    for name in ("context_length", "max_total_tokens", "answer_tokens"):
+        if options[name] < 1:
+            raise OptionError(_("--%(name)s must be positive") % {"name": name.replace("_", "-")})
+    return SimulatorConfig(
+        model=options["model"],
+        tokens_per_second=options["tokens_per_second"],
+        ttft_ms=options["ttft_ms"],
+        tokenizer=options["tokenizer"],
+        context_length=options["context_length"],
+        max_total_tokens=options["max_total_tokens"],
+        max_running_requests=options["max_running_requests"],
+        answer_tokens=options["answer_tokens"],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m sglang_sim", description=describe())
+    add_arguments(parser)
+    options = vars(parser.parse_args(argv))
+    try:
+        config = config_from_options(options)
+    except OptionError as exc:
+        parser.error(str(exc))
+    # Under manage.py, Django's LOGGING sets this up; here the same format and LOG_LEVEL, so the
+    # simulator's log reads the same whichever way it was started.
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    serve(config, options["host"], options["port"])
