@@ -34,7 +34,7 @@ from django.core.management import call_command  # noqa: E402
 
 from bench.gateway_bench import write_section  # noqa: E402
 from gateway.ledger import LedgerWriter, RequestFacts, _ship  # noqa: E402
-from tokenlimit.ledger_rows import UsageRow, fitted, to_wire  # noqa: E402
+from tokenlimit.ledger_rows import UsageRow, clean_row, wire_line  # noqa: E402
 
 
 def event(user_id: int, key_id: int) -> UsageRow:
@@ -75,7 +75,7 @@ def recording_cost(write_ahead: bool, samples: int = 20000) -> tuple[float, floa
 
 
 def rows_as_lines(rows: int, user_id: int, key_id: int) -> list[str]:
-    return [to_wire(fitted(event(user_id, key_id), time.time)).decode() for _ in range(rows)]
+    return [wire_line(clean_row(event(user_id, key_id), time.time)).decode() for _ in range(rows)]
 
 
 def ingest_direct(rows: int, user_id: int, key_id: int) -> float:

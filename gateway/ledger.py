@@ -46,7 +46,7 @@ import orjson
 from django.conf import settings
 from django.db import close_old_connections
 
-from tokenlimit.ledger_rows import INTERRUPTED, UsageRow, fitted, request_id_of, to_wire
+from tokenlimit.ledger_rows import INTERRUPTED, UsageRow, clean_row, request_id_of, wire_line
 
 log = logging.getLogger(__name__)
 BATCH_SIZE = 1000
@@ -308,7 +308,7 @@ class LedgerWriter:
             self._ensure_spool().append(_dumps(line), event=False)
 
     def record(self, row: UsageRow) -> None:
-        line = to_wire(fitted(row, time.time))
+        line = wire_line(clean_row(row, time.time))
         with self._lock:
             self._open.pop(row.request_id, None)
             if self.unshipped >= self._max_pending:
@@ -423,7 +423,7 @@ class LedgerWriter:
         with self._lock:
             for request in still_open:
                 row = usage_row(request, interrupted(request), finished_at=now)
-                spool.append(to_wire(fitted(row, time.time)), event=True)
+                spool.append(wire_line(clean_row(row, time.time)), event=True)
                 charged = request.prompt_tokens + request.completion_tokens
                 closed.append(Interrupted(request.request_id, request.scopes, charged))
             # Shipped with this writer's own segment, so part of its backlog until then.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,11 +73,6 @@ LEGACY_COLUMNS = (
 STARTED_AT = LEDGER_COLUMNS.index("started_at")
 FINISHED_AT = LEDGER_COLUMNS.index("finished_at")
 API_KEY_ID = LEDGER_COLUMNS.index("api_key_id")
-
-
-def to_wire(row: UsageRow) -> bytes:
-    """The row as one JSON object with its schema version (orjson takes the dataclass as is)."""
-    return b'{"v":%d,' % SCHEMA_VERSION + orjson.dumps(row)[1:]
 
 
 # Column bounds, as in quotas/models.py (PositiveIntegerField, BigAutoField, …).
@@ -171,41 +167,56 @@ def clean_row(raw: Any, now: Callable[[], float]) -> tuple[Any, ...]:
     """`raw` (a UsageRow, or a row as transported) fitted to the ledger's columns, as a tuple
     in LEDGER_COLUMNS order; BadRow if it is not a ledger row at all."""
     if isinstance(raw, UsageRow):
-        row = {name: getattr(raw, name) for name in LEDGER_COLUMNS}  # asdict() deep-copies: slow
-    else:
-        row = named(raw)
-    request_id = text(row["request_id"], 64)
+        return _fit(*_values_of(raw), now=now)  # the request path: no dict in between
+    row = named(raw)
+    return _fit(*(row[name] for name in LEDGER_COLUMNS), now=now)
+
+
+_values_of = operator.attrgetter(*LEDGER_COLUMNS)
+
+
+def _fit(
+    request_id: Any, user_id: Any, api_key_id: Any, model: Any, endpoint: Any,
+    status_code: Any, streamed: Any, started_at: Any, finished_at: Any, prompt_tokens: Any,
+    completion_tokens: Any, cached_tokens: Any, estimated_prompt_tokens: Any,
+    usage_source_: Any, error_type: Any, client_disconnected: Any, upstream_latency_ms: Any,
+    time_to_first_token_ms: Any, *, now: Callable[[], float],
+) -> tuple[Any, ...]:  # fmt: skip
+    # Parameters in LEDGER_COLUMNS order (the UsageRow fields); the tuple comes back the same.
+    request_id = text(request_id, 64)
     if not request_id:
         raise BadRow("a ledger row needs a request id")
-    prompt = integer(row["prompt_tokens"], INT_MAX)
-    completion = integer(row["completion_tokens"], INT_MAX)
-    finished = epoch(row["finished_at"], 0.0) or now()
-    fitted = {
-        "request_id": request_id,
-        "user_id": optional_id(row["user_id"]),
-        "api_key_id": optional_id(row["api_key_id"]),
-        "model": text(row["model"], 200),
-        "endpoint": text(row["endpoint"], 40),
-        "status_code": integer(row["status_code"], SMALLINT_MAX),
-        "streamed": bool(row["streamed"]),
-        "started_at": epoch(row["started_at"], finished),
-        "finished_at": finished,
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "cached_tokens": integer(row["cached_tokens"], INT_MAX),
-        "estimated_prompt_tokens": integer(row["estimated_prompt_tokens"], INT_MAX),
-        "usage_source": usage_source(row["usage_source"], prompt + completion),
-        "error_type": text(row["error_type"], 60),
-        "client_disconnected": bool(row["client_disconnected"]),
-        "upstream_latency_ms": milliseconds(row["upstream_latency_ms"]),
-        "time_to_first_token_ms": milliseconds(row["time_to_first_token_ms"]),
-    }
-    return tuple(fitted[name] for name in LEDGER_COLUMNS)
+    prompt = integer(prompt_tokens, INT_MAX)
+    completion = integer(completion_tokens, INT_MAX)
+    finished = epoch(finished_at, 0.0) or now()
+    return (
+        request_id,
+        optional_id(user_id),
+        optional_id(api_key_id),
+        text(model, 200),
+        text(endpoint, 40),
+        integer(status_code, SMALLINT_MAX),
+        bool(streamed),
+        epoch(started_at, finished),
+        finished,
+        prompt,
+        completion,
+        integer(cached_tokens, INT_MAX),
+        integer(estimated_prompt_tokens, INT_MAX),
+        usage_source(usage_source_, prompt + completion),
+        text(error_type, 60),
+        bool(client_disconnected),
+        milliseconds(upstream_latency_ms),
+        milliseconds(time_to_first_token_ms),
+    )
 
 
-def fitted(row: UsageRow, now: Callable[[], float]) -> UsageRow:
-    """`row` with every value fitted to its column (what the gateway spools)."""
-    return UsageRow(*clean_row(row, now))
+_WIRE_KEYS = ("v", *LEDGER_COLUMNS)
+
+
+def wire_line(values: tuple[Any, ...]) -> bytes:
+    """Fitted values (clean_row's tuple) as the line the spool and the stream carry."""
+    return orjson.dumps(dict(zip(_WIRE_KEYS, (SCHEMA_VERSION, *values), strict=True)))
 
 
 def request_id_of(raw: Any) -> str:

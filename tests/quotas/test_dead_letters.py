@@ -33,8 +33,7 @@ from tokenlimit.ledger_rows import (
     BadRow,
     UsageRow,
     clean_row,
-    fitted,
-    to_wire,
+    wire_line,
 )
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -71,7 +70,7 @@ def by_name(row: tuple[Any, ...]) -> dict[str, Any]:
 
 def wire(row: UsageRow) -> dict[str, Any]:
     """The row as the spool and the stream carry it, after the gateway fitted it."""
-    return dict(json.loads(to_wire(fitted(row, time.time))))
+    return dict(json.loads(wire_line(clean_row(row, time.time))))
 
 
 def test_values_are_fitted_to_their_columns() -> None:
@@ -108,7 +107,7 @@ def test_rows_of_other_schema_versions_are_read_by_name_never_shifted() -> None:
     older = {k: v for k, v in current.items() if k not in ("cached_tokens", "usage_source")}
     older_row = by_name(clean_row({**older, "request_id": "old"}, time.time))
     assert older_row["cached_tokens"] == 0 and older_row["status_code"] == 429
-    # Keys are in the fields' order on the wire, whatever LEDGER_COLUMNS' order becomes.
+    # On the wire: the version, then every field by name.
     assert list(current)[1:] == list(LEDGER_COLUMNS)
 
 
@@ -257,7 +256,7 @@ from django.core.management import call_command
 call_command("migrate", verbosity=0)
 from pathlib import Path
 from gateway.ledger import LedgerWriter
-from tokenlimit.ledger_rows import UsageRow, fitted, to_wire
+from tokenlimit.ledger_rows import UsageRow, clean_row, wire_line
 from quotas import ledger_stream
 from quotas.models import LedgerDeadLetter, UsageRecord
 now = time.time()
@@ -272,7 +271,7 @@ for e in hostile:
     ledger.record(e)
 ledger.start()
 ledger._spool.append(b"garbage", event=True)
-unfitted = json.loads(to_wire(fitted(hostile[0], time.time)))
+unfitted = json.loads(wire_line(clean_row(hostile[0], time.time)))
 unfitted["request_id"] = f"{PATH}-raw"; unfitted["prompt_tokens"] = 2**70
 ledger._spool.append(json.dumps(unfitted).encode(), event=True)
 ledger.record(event(9))
