@@ -145,7 +145,7 @@ def _created_details(key: ApiKey) -> dict[str, Any]:
         "user": key.user.get_username(),
         "name": key.name,
         "prefix": key.prefix,
-        "expires_at": key.expires_at,
+        "expires_at": _shown(key.expires_at),
         "imported": key.imported,
     }
 
@@ -249,10 +249,17 @@ SYSTEM_LABEL = "system"
 def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The fields whose value differs, as {field: {"old": …, "new": …}} (an audit's details)."""
     return {
-        field: {"old": old.get(field), "new": value}
+        field: {"old": _shown(old.get(field)), "new": _shown(value)}
         for field, value in new.items()
         if old.get(field) != value
     }
+
+
+def _shown(value: Any) -> Any:
+    # Times as the admin shows them (Asia/Seoul, to the second), not as UTC with microseconds.
+    if isinstance(value, datetime):
+        return timezone.localtime(value).isoformat(timespec="seconds")
+    return value
 
 
 def record_audit(
