@@ -81,6 +81,19 @@ CHANGE_FIELDS = (
 HISTORY_ROWS = 50
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """History (the audit trail, the ledger, samples, roll-ups): viewable, never edited here."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     # key_hash is in no list, form or filter: it is a secret's only trace.
@@ -220,7 +233,7 @@ def audit_log_url(model: type[Model], pk: int) -> str:
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
+class AuditEventAdmin(ReadOnlyAdmin):
     """Who changed what: written only by the services, never added, edited or deleted here."""
 
     list_display = ("created_at", "actor_label", "action", "target", "short_details")
@@ -243,15 +256,6 @@ class AuditEventAdmin(admin.ModelAdmin):
     @admin.display(description=_("details"))
     def short_details(self, event: AuditEvent) -> str:
         return summarize(event.details, limit=120)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 admin.site.unregister(User)

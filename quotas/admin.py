@@ -16,6 +16,7 @@ from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
 from accounts import admin as accounts_admin
+from accounts.admin import ReadOnlyAdmin
 from quotas.models import LedgerDeadLetter, Plan, UsageRecord, UserQuota
 from quotas.services import replay_dead_letters
 from tokenlimit.limiter import LIMIT_FIELDS
@@ -146,7 +147,7 @@ class StatusFilter(admin.SimpleListFilter):
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(admin.ModelAdmin):
+class UsageRecordAdmin(ReadOnlyAdmin):
     """The ledger is history: viewable, never edited here."""
 
     list_display = (
@@ -199,15 +200,6 @@ class UsageRecordAdmin(admin.ModelAdmin):
     def key_prefix(self, record: UsageRecord) -> str:
         # No FK constraint: a deleted key joins as None.
         return f"{record.api_key.prefix}…" if record.api_key is not None else "-"
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(LedgerDeadLetter)

@@ -10,6 +10,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
 from django.utils.translation import gettext_lazy as _
 
+from accounts.admin import ReadOnlyAdmin
 from gateway.admin import ServedModelFilter
 from quotas.admin import EstimatedCountPaginator
 from telemetry.exports import csv_lines, rollup_export
@@ -21,7 +22,7 @@ def _percent(value: float | None) -> str | None:
 
 
 @admin.register(SGLangSample)
-class SGLangSampleAdmin(admin.ModelAdmin):
+class SGLangSampleAdmin(ReadOnlyAdmin):
     list_display = (
         "scraped_at",
         "upstream_url",
@@ -53,18 +54,9 @@ class SGLangSampleAdmin(admin.ModelAdmin):
         value = sample.generation_throughput
         return None if value is None else f"{value:,.1f}"
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: SGLangSample | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: SGLangSample | None = None) -> bool:
-        return False
-
 
 @admin.register(UsageRollup)
-class UsageRollupAdmin(admin.ModelAdmin):
+class UsageRollupAdmin(ReadOnlyAdmin):
     """Roll-ups are recomputed from the ledger by telemetry.rollups: viewable, never edited."""
 
     list_display = (
@@ -101,12 +93,3 @@ class UsageRollupAdmin(admin.ModelAdmin):
         )
         response["Content-Disposition"] = 'attachment; filename="usage-rollups.csv"'
         return response
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
