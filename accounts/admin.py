@@ -9,6 +9,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.options import InlineModelAdmin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.models import User
+from django.db import transaction
 from django.db.models import Model, Q, QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
@@ -19,11 +20,12 @@ from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
-from accounts.models import ApiKey, AuditEvent
+from accounts.models import ApiKey, AuditAction, AuditEvent
 from accounts.services import (
     KEY_LIMIT_FIELDS,
     audit_target,
     create_api_key,
+    record_edit,
     revoke_api_keys,
     update_api_key,
 )
@@ -92,6 +94,23 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class AuditedAdmin(admin.ModelAdmin):
+    """An admin page whose saves are audited like a service's changes: who, old → new."""
+
+    audit_action: AuditAction
+
+    def audit_target(self, obj: Any) -> Any:
+        return obj
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        before = type(obj).objects.filter(pk=obj.pk).first() if change else None
+        with transaction.atomic():
+            super().save_model(request, obj, form, change)
+            fields = list(form.changed_data)
+            target = self.audit_target(obj)
+            record_edit(acting_user(request), self.audit_action, target, before, obj, fields)
 
 
 @admin.register(ApiKey)

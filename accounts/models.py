@@ -52,6 +52,7 @@ class AuditAction(models.TextChoices):
     KEY_REVOKED = "key_revoked", _("API key revoked")
     QUOTA_CHANGED = "quota_changed", _("user quota changed")
     PLAN_CHANGED = "plan_changed", _("plan changed")
+    MODEL_CHANGED = "model_changed", _("served model changed")
 
 
 class AuditEvent(models.Model):

@@ -262,6 +262,30 @@ def _shown(value: Any) -> Any:
     return value
 
 
+def record_edit(
+    actor: User | None,
+    action: AuditAction,
+    target: models.Model,
+    before: models.Model | None,
+    after: models.Model,
+    fields: list[str],
+) -> AuditEvent | None:
+    """The audit row for an edit made through a form (the admin's pages): each of `fields` as
+    it was in `before` (None: created) and is in `after`; nothing if nothing changed. Call it in
+    the transaction that saved `after`."""
+    old = {name: _plain(getattr(before, name)) for name in fields} if before else {}
+    new = {name: _plain(getattr(after, name)) for name in fields}
+    details: dict[str, Any] = {"created": True, **new} if before is None else {**changes(old, new)}
+    if not details:
+        return None
+    return record_audit(actor, action, target, details)
+
+
+def _plain(value: Any) -> Any:
+    # A related object by its name (what the admin shows), times as _shown.
+    return str(value) if isinstance(value, models.Model) else _shown(value)
+
+
 def record_audit(
     actor: User | None,
     action: AuditAction,

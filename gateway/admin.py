@@ -15,6 +15,8 @@ from django.utils import timezone
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
+from accounts.admin import AuditedAdmin
+from accounts.models import AuditAction
 from gateway.models import ServedModel
 from quotas import admin as quotas_admin
 from quotas.models import UsageRecord
@@ -61,7 +63,8 @@ class ServedModelForm(forms.ModelForm):
 
 
 @admin.register(ServedModel)
-class ServedModelAdmin(admin.ModelAdmin):
+class ServedModelAdmin(AuditedAdmin):
+    audit_action = AuditAction.MODEL_CHANGED
     form = ServedModelForm
     list_display = (
         "name",

@@ -9,21 +9,24 @@ from typing import Any
 from django.contrib import admin, messages
 from django.contrib.auth.models import User
 from django.core.paginator import Paginator
-from django.db import connections, models
+from django.db import connections, models, transaction
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
 from accounts import admin as accounts_admin
-from accounts.admin import ReadOnlyAdmin
+from accounts.admin import AuditedAdmin, ReadOnlyAdmin
+from accounts.models import AuditAction
+from accounts.services import record_edit
 from quotas.models import LedgerDeadLetter, Plan, UsageRecord, UserQuota
 from quotas.services import replay_dead_letters
 from tokenlimit.limiter import LIMIT_FIELDS
 
 
 @admin.register(Plan)
-class PlanAdmin(admin.ModelAdmin):
+class PlanAdmin(AuditedAdmin):
+    audit_action = AuditAction.PLAN_CHANGED
     list_display = ("name", *LIMIT_FIELDS, "allowed_models", "extra_request_fields", "priority")
     search_fields = ("name",)
     fieldsets = (
@@ -60,6 +63,21 @@ admin.site.unregister(User)
 class UserAdmin(accounts_admin.UserAdmin):
     inlines = (UserQuotaInline,)
 
+    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
+        """The quota section is audited like a change through set_user_quota: the user is the
+        target, the acting admin the actor."""
+        edited = [f for f in formset.forms if f.has_changed() and f not in formset.deleted_forms]
+        before = {f.instance.pk: UserQuota.objects.filter(pk=f.instance.pk).first() for f in edited}
+        with transaction.atomic():
+            super().save_formset(request, form, formset, change)
+            actor = accounts_admin.acting_user(request)
+            for edit in edited:
+                quota = edit.instance
+                record_edit(
+                    actor, AuditAction.QUOTA_CHANGED, quota.user, before.get(quota.pk), quota,
+                    list(edit.changed_data),
+                )  # fmt: skip
+
 
 def _effective_column(field: str) -> Callable[[UserQuota], str]:
     model_field = UserQuota._meta.get_field(field)
@@ -76,7 +94,12 @@ def _effective_column(field: str) -> Callable[[UserQuota], str]:
 
 
 @admin.register(UserQuota)
-class UserQuotaAdmin(admin.ModelAdmin):
+class UserQuotaAdmin(AuditedAdmin):
+    audit_action = AuditAction.QUOTA_CHANGED
+
+    def audit_target(self, obj: Any) -> Any:
+        return obj.user  # as set_user_quota records it
+
     list_display = ("user", "plan", *(_effective_column(field) for field in LIMIT_FIELDS))
     list_filter = ("plan",)
     search_fields = ("user__username",)
