@@ -92,7 +92,9 @@ class Readiness:
             "gateway": {"in_flight": self.in_flight()},
             "ledger": ledger,
             "upstreams": upstreams,
-            "database": {"vendor": connection.vendor, **database},
+            # The ping's count is reported once, under "ledger".
+            "database": {"vendor": connection.vendor}
+            | {k: v for k, v in database.items() if k != "dead_letters"},
             "redis": redis_state,
             "models": [
                 {"name": m.name, "aliases": list(m.aliases), "token_counter": self.token_counter(m)}
