@@ -133,9 +133,7 @@ class GatewayLimiter:
     async def close(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            await close()
+        await self.backend.close()
 
     async def settle(self, grant: KeyGrant, rid: str, tokens: int) -> None:
         scopes = self.active.pop(rid, None) or self.scopes(grant)

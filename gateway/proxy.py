@@ -54,6 +54,7 @@ class Call:
     client_disconnected: bool = False
     upstream_latency_ms: float | None = None
     ttft_ms: float | None = None
+    facts: RequestFacts | None = None  # as written ahead; the row is built from the same
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started_perf) * 1000.0
@@ -70,7 +71,8 @@ class Proxy:
 
     async def run(self, call: Call, receive: Receive, out: Responder) -> None:
         """Relay the call while watching for the client leaving; always settles and records."""
-        self.ledger.open(self._facts(call, self.limits.held_scopes(call.request_id)))
+        call.facts = self._facts(call, self.limits.held_scopes(call.request_id))
+        self.ledger.open(call.facts)
         relay: asyncio.Future[None] | None = None
         watcher: asyncio.Future[None] | None = None
         try:
@@ -233,7 +235,7 @@ class Proxy:
             upstream_latency_ms=call.upstream_latency_ms,
             time_to_first_token_ms=call.ttft_ms,
         )
-        self.ledger.record(usage_row(self._facts(call), outcome))
+        self.ledger.record(usage_row(call.facts or self._facts(call), outcome))
         call.billed = usage.prompt_tokens + usage.completion_tokens
         metrics.observe_finished(
             call.model.name, call.grant.username, call.status, usage.prompt_tokens,

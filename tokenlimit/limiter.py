@@ -124,6 +124,8 @@ class Backend(Protocol):
         self, scopes_by_rid: dict[str, list[Scope]], now: float, lease: float
     ) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Day:

@@ -84,6 +84,9 @@ class MemoryBackend:
     def __init__(self) -> None:
         self.scopes: dict[str, ScopeState] = {}
 
+    async def close(self) -> None:
+        """Nothing to close: the state lives in this process."""
+
     def _state(self, scope: Scope, now: float, day: Day) -> ScopeState:
         state = self.scopes.setdefault(scope.key, ScopeState())
         if state.day_name != day.name:
