@@ -1,7 +1,9 @@
-"""Admin for API keys, and Django's user admin with each user's quota inline."""
+"""Admin for API keys and operator tokens, and Django's user admin with each user's quota
+inline."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -9,6 +11,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.options import InlineModelAdmin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Model, Q, QuerySet
 from django.forms import ModelForm
@@ -20,13 +23,16 @@ from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
-from accounts.models import ApiKey, AuditAction, AuditEvent
+from accounts.models import ApiKey, AuditAction, AuditEvent, OperatorToken
 from accounts.services import (
     KEY_LIMIT_FIELDS,
     audit_target,
+    check_expiry,
     create_api_key,
+    create_operator_token,
     record_edit,
     revoke_api_keys,
+    revoke_operator_token,
     update_api_key,
 )
 
@@ -100,17 +106,20 @@ class AuditedAdmin(admin.ModelAdmin):
     """An admin page whose saves are audited like a service's changes: who, old → new."""
 
     audit_action: AuditAction
+    # What an object added on the page is recorded as (None: audit_action).
+    audit_created_action: AuditAction | None = None
 
     def audit_target(self, obj: Any) -> Any:
         return obj
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         before = type(obj).objects.filter(pk=obj.pk).first() if change else None
+        action = self.audit_action if change else self.audit_created_action or self.audit_action
         with transaction.atomic():
             super().save_model(request, obj, form, change)
             fields = list(form.changed_data)
             target = self.audit_target(obj)
-            record_edit(acting_user(request), self.audit_action, target, before, obj, fields)
+            record_edit(acting_user(request), action, target, before, obj, fields)
 
 
 @admin.register(ApiKey)
@@ -146,8 +155,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("history"))
     def history(self, key: ApiKey) -> str:
-        events = AuditEvent.objects.filter(**audit_target(ApiKey, key.pk))[: HISTORY_ROWS + 1]
-        return render_history(list(events), audit_log_url(ApiKey, key.pk))
+        return history_table(ApiKey, key.pk)
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: ModelForm, change: bool) -> None:
         data = form.cleaned_data
@@ -180,10 +188,105 @@ class ApiKeyAdmin(admin.ModelAdmin):
         self.message_user(request, message % {"count": count}, messages.SUCCESS)
 
 
-def _adopt(form_instance: ApiKey, created: ApiKey) -> None:
-    """Turn the admin's unsaved form instance into the key the service created, so that the
+class OperatorTokenForm(ModelForm):
+    def clean_expires_at(self) -> datetime | None:
+        try:
+            return check_expiry(self.cleaned_data.get("expires_at"))
+        except ValidationError as exc:
+            raise ValidationError(exc.message_dict["expires_at"]) from None
+
+
+TOKEN_ADD_FIELDS = ("user", "name", "scope", "expires_at")
+TOKEN_CHANGE_FIELDS = (
+    "prefix", "user", "name", "scope", "created_at", "last_used_at", "expires_at", "revoked_at",
+    "history",
+)  # fmt: skip
+
+
+@admin.register(OperatorToken)
+class OperatorTokenAdmin(admin.ModelAdmin):
+    """Tokens for scripts that run the platform through the REST API. Created here (the raw
+    token shown once) and revoked, never edited or deleted: both go through the services, so
+    both are audited."""
+
+    form = OperatorTokenForm
+    list_display = (
+        "visible_prefix", "name", "user", "scope", "state", "created_at", "last_used_at",
+        "expires_at",
+    )  # fmt: skip
+    list_filter = ("scope", RevokedFilter, ExpiredFilter)
+    search_fields = ("prefix", "name", "user__username")
+    list_select_related = ("user",)
+    autocomplete_fields = ("user",)
+    actions = ("revoke_selected",)
+
+    @admin.display(description=_("prefix"), ordering="prefix")
+    def visible_prefix(self, token: OperatorToken) -> str:
+        return f"{token.prefix}…"
+
+    @admin.display(description=_("state"))
+    def state(self, token: OperatorToken) -> str:
+        if token.revoked_at is not None:
+            return gettext("revoked")
+        if token.expires_at is not None and token.expires_at <= timezone.now():
+            return gettext("expired")
+        if not token.user.is_active or not token.user.is_staff:
+            # find_operator_token refuses it while its user is not active staff.
+            return gettext("user not active staff")
+        return gettext("active")
+
+    def get_fields(self, request: HttpRequest, obj: OperatorToken | None = None) -> tuple[str, ...]:
+        return TOKEN_ADD_FIELDS if obj is None else TOKEN_CHANGE_FIELDS
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: OperatorToken | None = None
+    ) -> tuple[str, ...]:
+        return () if obj is None else TOKEN_CHANGE_FIELDS
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Revoked, not deleted: the row keeps the token's audit trail readable.
+        return False
+
+    @admin.display(description=_("history"))
+    def history(self, token: OperatorToken) -> str:
+        return history_table(OperatorToken, token.pk)
+
+    def save_model(
+        self, request: HttpRequest, obj: OperatorToken, form: ModelForm, change: bool
+    ) -> None:
+        if change:
+            return  # every field is read-only once created
+        data = form.cleaned_data
+        token, raw_token = create_operator_token(
+            data["user"],
+            actor=acting_user(request),
+            name=data["name"],
+            scope=data["scope"],
+            expires_at=data["expires_at"],
+        )
+        _adopt(obj, token)
+        # As with API keys: only in this message, consumed when shown, never saved.
+        message = gettext(
+            "New operator token for %(user)s: %(token)s — copy it now. It is shown only this "
+            "once and cannot be recovered; only its hash is stored."
+        )
+        messages.success(request, message % {"user": token.user, "token": raw_token})
+
+    @admin.action(description=_("Revoke selected tokens"), permissions=["change"])
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[OperatorToken]) -> None:
+        actor = acting_user(request)
+        count = sum(
+            revoke_operator_token(token, actor=actor)
+            for token in queryset.filter(revoked_at__isnull=True)
+        )
+        message = ngettext("%(count)d token revoked.", "%(count)d tokens revoked.", count)
+        self.message_user(request, message % {"count": count}, messages.SUCCESS)
+
+
+def _adopt(form_instance: Model, created: Model) -> None:
+    """Turn the admin's unsaved form instance into the row the service created, so that the
     admin's log entry and redirect point at the real row."""
-    for field in ApiKey._meta.concrete_fields:
+    for field in type(created)._meta.concrete_fields:
         setattr(form_instance, field.attname, getattr(created, field.attname))
     form_instance._state.adding = False
     form_instance._state.db = created._state.db
@@ -212,6 +315,12 @@ def summarize(details: dict[str, Any], limit: int = 200) -> str:
 
 def _shown(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
+
+
+def history_table(model: type[Model], pk: int) -> str:
+    """One object's newest audit events, with a link to the rest (for a change page)."""
+    events = AuditEvent.objects.filter(**audit_target(model, pk))[: HISTORY_ROWS + 1]
+    return render_history(list(events), audit_log_url(model, pk))
 
 
 def render_history(events: list[AuditEvent], more_url: str) -> str:

@@ -1,4 +1,5 @@
-"""API keys (stored only as a SHA-256 hash and a short visible prefix) and the audit log."""
+"""API keys and operator tokens (stored only as a SHA-256 hash and a short visible prefix) and
+the audit log."""
 
 from __future__ import annotations
 
@@ -46,13 +47,66 @@ class ApiKey(models.Model):
         return f"{self.prefix}… ({self.user})"
 
 
+class OperatorScope(models.TextChoices):
+    READ = "read", _("read")
+    # Write implies read: a script that changes things must see them too.
+    WRITE = "write", _("read and write")
+
+
+class OperatorToken(models.Model):
+    """A credential for scripts that run the platform through the REST API, acting as one staff
+    user. A separate kind from ApiKey (and "op-" rather than "sk-"), so that a client key can
+    never manage the platform and an operator token never spends a client's quota."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="operator_tokens",
+        verbose_name=_("user"),
+        limit_choices_to={"is_staff": True, "is_active": True},
+    )
+    name = models.CharField(_("name"), max_length=100, blank=True)
+    # Enough of the token to recognise it in a list ("op-AbCd1234…"), never enough to use it.
+    prefix = models.CharField(_("prefix"), max_length=16, db_index=True)
+    key_hash = models.CharField(_("token hash"), max_length=64, unique=True, editable=False)
+    scope = models.CharField(
+        _("scope"), max_length=8, choices=OperatorScope.choices, default=OperatorScope.READ
+    )
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+    last_used_at = models.DateTimeField(_("last used"), null=True, blank=True)
+    expires_at = models.DateTimeField(_("expires"), null=True, blank=True)
+    revoked_at = models.DateTimeField(_("revoked"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("operator token")
+        verbose_name_plural = _("operator tokens")
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}…"
+
+    def allows(self, scope: str) -> bool:
+        """Whether the token may act in `scope` ("read" or "write"); write implies read."""
+        if scope not in OperatorScope.values:
+            return False
+        return scope == OperatorScope.READ or self.scope == OperatorScope.WRITE
+
+
 class AuditAction(models.TextChoices):
     KEY_CREATED = "key_created", _("API key created")
     KEY_CHANGED = "key_changed", _("API key changed")
     KEY_REVOKED = "key_revoked", _("API key revoked")
     QUOTA_CHANGED = "quota_changed", _("user quota changed")
+    PLAN_CREATED = "plan_created", _("plan created")
     PLAN_CHANGED = "plan_changed", _("plan changed")
+    PLAN_DELETED = "plan_deleted", _("plan deleted")
+    MODEL_CREATED = "model_created", _("served model created")
     MODEL_CHANGED = "model_changed", _("served model changed")
+    MODEL_DELETED = "model_deleted", _("served model deleted")
+    USER_CREATED = "user_created", _("user created")
+    USER_CHANGED = "user_changed", _("user changed")
+    OPERATOR_TOKEN_CREATED = "operator_token_created", _("operator token created")
+    OPERATOR_TOKEN_REVOKED = "operator_token_revoked", _("operator token revoked")
 
 
 class AuditEvent(models.Model):

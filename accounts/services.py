@@ -1,21 +1,27 @@
-"""Every change to users and API keys goes through these functions."""
+"""Every change to users, API keys and operator tokens goes through these functions."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import secrets
 import string
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import User
-from django.db import models, transaction
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxLengthValidator
+from django.db import IntegrityError, models, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext
 
-from accounts.models import ApiKey, AuditAction, AuditEvent
+from accounts.models import ApiKey, AuditAction, AuditEvent, OperatorScope, OperatorToken
 
 KEY_PREFIX = "sk-"
 # 32 random bytes = 256 bits, above the 192 the design asks for.
@@ -240,6 +246,249 @@ def update_api_key(
     return True
 
 
+# --- Checks shared by every credential's creation ------------------------------------------------
+
+CREDENTIAL_NAME_MAX = 100  # ApiKey.name and OperatorToken.name
+
+
+def check_credential_name(name: object) -> str:
+    """A key's or token's name as given from outside: text of at most CREDENTIAL_NAME_MAX
+    characters (ValidationError on "name" otherwise)."""
+    if not isinstance(name, str):
+        raise ValidationError({"name": gettext("Enter a text.")})
+    try:
+        MaxLengthValidator(CREDENTIAL_NAME_MAX)(name)
+    except ValidationError as exc:
+        raise ValidationError({"name": exc.error_list}) from None
+    return name
+
+
+def check_expiry(expires_at: datetime | None) -> datetime | None:
+    """An expiry given from outside: None, or a time in the future (ValidationError on
+    "expires_at" otherwise). A naive time is read in the current time zone, as forms do."""
+    if expires_at is None:
+        return None
+    if not isinstance(expires_at, datetime):
+        raise ValidationError({"expires_at": gettext("Enter a valid date/time.")})
+    if timezone.is_naive(expires_at):
+        expires_at = timezone.make_aware(expires_at)
+    if expires_at <= timezone.now():
+        raise ValidationError({"expires_at": gettext("The expiry must be in the future.")})
+    return expires_at
+
+
+# --- Operator tokens ----------------------------------------------------------------------------
+
+# Not "sk-": an operator token can never be mistaken for (or used as) a client key.
+OPERATOR_TOKEN_PREFIX = "op-"
+# Longer than any token issued here: refused before it is hashed or looked up.
+MAX_OPERATOR_TOKEN_CHARS = 200
+# last_used_at is written at most this often per token: a write per API call would make every
+# read a write.
+TOKEN_TOUCH_INTERVAL = timedelta(minutes=1)
+
+
+def generate_operator_token() -> str:
+    return OPERATOR_TOKEN_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
+
+
+def create_operator_token(
+    user: User,
+    *,
+    actor: User | None,
+    actor_label: str | None = None,
+    name: str,
+    scope: str,
+    expires_at: datetime | None = None,
+) -> tuple[OperatorToken, str]:
+    """A new token acting as `user` (active staff only: ValueError otherwise); the raw token is
+    returned here and never again (nor stored, nor audited)."""
+    if not user.is_staff or not user.is_active:
+        raise ValueError(gettext("Operator tokens can only be given to active staff users."))
+    if scope not in OperatorScope.values:
+        raise ValidationError({"scope": gettext('Choose "read" or "write".')})
+    name = check_credential_name(name)
+    expires_at = check_expiry(expires_at)
+    raw_token = generate_operator_token()
+    with transaction.atomic():
+        token = OperatorToken.objects.create(
+            user=user,
+            name=name,
+            prefix=visible_prefix(raw_token),
+            key_hash=hash_key(raw_token),
+            scope=scope,
+            expires_at=expires_at,
+        )
+        details = {
+            "user": user.get_username(),
+            "name": token.name,
+            "prefix": token.prefix,
+            "scope": token.scope,
+            "expires_at": _shown(token.expires_at),
+        }
+        record_audit(actor, AuditAction.OPERATOR_TOKEN_CREATED, token, details, actor_label)
+    return token, raw_token
+
+
+def revoke_operator_token(
+    token: OperatorToken, *, actor: User | None, actor_label: str | None = None
+) -> bool:
+    """Revoke a token; returns whether it was revoked now (False: it already was). Takes effect
+    on the token's next request: find_operator_token reads the row every time."""
+    now = timezone.now()
+    with transaction.atomic():
+        # Conditional: of two concurrent revokes, the second waits for the first's row lock,
+        # then matches nothing, so the token is audited once.
+        revoked = OperatorToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(
+            revoked_at=now
+        )
+        if not revoked:
+            return False
+        details = changes({"revoked_at": None}, {"revoked_at": now})
+        record_audit(actor, AuditAction.OPERATOR_TOKEN_REVOKED, token, details, actor_label)
+    token.revoked_at = now
+    return True
+
+
+def find_operator_token(raw: str) -> OperatorToken | None:
+    """The usable token `raw` names, with its user, in one query; None if it is unknown,
+    revoked, expired, or its user is inactive or no longer staff."""
+    if (
+        not isinstance(raw, str)
+        or not raw.startswith(OPERATOR_TOKEN_PREFIX)
+        or len(raw) > MAX_OPERATOR_TOKEN_CHARS
+    ):
+        return None
+    return (
+        OperatorToken.objects.select_related("user")
+        .filter(
+            Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()),
+            key_hash=hash_key(raw),
+            revoked_at__isnull=True,
+            user__is_active=True,
+            user__is_staff=True,
+        )
+        .order_by()
+        .first()
+    )
+
+
+def touch_operator_token(token: OperatorToken) -> None:
+    """Record that the token was used: no query if this instance was touched within
+    TOKEN_TOUCH_INTERVAL, else one conditional UPDATE (other processes touching the same token
+    meanwhile make it match nothing). Usage, not a change: not audited."""
+    now = timezone.now()
+    if token.last_used_at is not None and now - token.last_used_at < TOKEN_TOUCH_INTERVAL:
+        return
+    OperatorToken.objects.filter(
+        Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - TOKEN_TOUCH_INTERVAL),
+        pk=token.pk,
+    ).update(last_used_at=now)
+    token.last_used_at = now
+
+
+# --- Users --------------------------------------------------------------------------------------
+
+# What update_user may change besides the password. Not is_superuser: that stays with
+# `createsuperuser` and the admin's user page, never with an API.
+USER_FIELDS = ("email", "first_name", "last_name", "is_active", "is_staff")
+# Hashing cost grows with the length; no person types more.
+MAX_PASSWORD_CHARS = 1024
+
+
+def create_user(
+    *,
+    actor: User | None,
+    actor_label: str | None = None,
+    username: str,
+    email: str = "",
+    password: str | None = None,
+    is_staff: bool = False,
+    is_active: bool = True,
+    first_name: str = "",
+    last_name: str = "",
+) -> User:
+    """A new user, validated as the admin's form would (ValidationError by field); without a
+    password the user cannot log in with one (API keys only)."""
+    if not isinstance(username, str):
+        raise ValidationError({"username": gettext("Enter a text.")})
+    user = User(
+        username=username,
+        email=email,
+        first_name=first_name,
+        last_name=last_name,
+        is_staff=is_staff,
+        is_active=is_active,
+    )
+    user.set_unusable_password()
+    # Username validators and length, uniqueness, the e-mail; clean() normalises both.
+    user.full_clean()
+    if password is not None:
+        user.password = _hashed_password(password, user)
+    details = {
+        **{field: getattr(user, field) for field in ("username", *USER_FIELDS)},
+        "password": "set" if password is not None else "unusable",
+    }
+    with transaction.atomic():
+        try:
+            with transaction.atomic():
+                user.save()
+        except IntegrityError:
+            # Created by someone else since full_clean checked.
+            unique = user.unique_error_message(User, ("username",))
+            raise ValidationError({"username": unique}) from None
+        record_audit(actor, AuditAction.USER_CREATED, user, details, actor_label)
+    return user
+
+
+def update_user(
+    user: User, *, actor: User | None, actor_label: str | None = None, **fields: Any
+) -> bool:
+    """Change USER_FIELDS and/or the password; returns whether anything changed (and only then
+    writes an audit row). A new password is audited as "changed", never as its hash."""
+    unknown = set(fields) - set(USER_FIELDS) - {"password"}
+    if unknown:
+        raise ValueError(f"unknown user fields: {sorted(unknown)}")
+    password = fields.pop("password", None)
+    # Hashed before the row is locked: hashing takes a good part of a second.
+    hashed = _hashed_password(password, user) if password is not None else None
+    with transaction.atomic():
+        current = User.objects.select_for_update().get(pk=user.pk)
+        edited, changed = validated_changes(current, fields)
+        details: dict[str, Any] = dict(changed)
+        if actor is not None and actor.pk == user.pk:
+            # An operator locking themselves out is a mistake; another operator can do it.
+            if current.is_staff and not edited.is_staff:
+                raise ValueError(gettext("You cannot remove your own staff status."))
+            if current.is_active and not edited.is_active:
+                raise ValueError(gettext("You cannot deactivate yourself."))
+        written = list(details)
+        if hashed is not None:
+            details["password"] = "changed"
+            written.append("password")
+            edited.password = hashed
+        if not details:
+            return False
+        edited.save(update_fields=written)
+        record_audit(actor, AuditAction.USER_CHANGED, edited, details, actor_label)
+    for field in written:
+        setattr(user, field, getattr(edited, field))
+    return True
+
+
+def _hashed_password(password: object, user: User) -> str:
+    """The hash of a new password that passes AUTH_PASSWORD_VALIDATORS (ValidationError on
+    "password" otherwise)."""
+    if not isinstance(password, str) or not password:
+        raise ValidationError({"password": gettext("Enter a password.")})
+    try:
+        MaxLengthValidator(MAX_PASSWORD_CHARS)(password)
+        validate_password(password, user)
+    except ValidationError as exc:
+        raise ValidationError({"password": exc.error_list}) from None
+    return make_password(password)
+
+
 # --- The audit log ------------------------------------------------------------------------------
 
 # Who a change is recorded as when no user made it and the caller names no command.
@@ -253,6 +502,22 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, dict[st
         for field, value in new.items()
         if old.get(field) != value
     }
+
+
+def validated_changes(
+    current: models.Model, wanted: Mapping[str, Any]
+) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """A copy of `current` with `wanted` applied and validated as the model's full_clean does
+    for those fields (ValidationError by field: type, length, choices, validators, uniqueness),
+    and the audit details of what differs from `current` once cleaned ("5" for an integer
+    field is 5, and no change if it was 5)."""
+    edited = copy.copy(current)
+    for field, value in wanted.items():
+        setattr(edited, field, value)
+    others = [field.name for field in type(current)._meta.fields if field.name not in wanted]
+    edited.full_clean(exclude=others)
+    cleaned = {field: getattr(edited, field) for field in wanted}
+    return edited, changes({field: getattr(current, field) for field in wanted}, cleaned)
 
 
 def _shown(value: Any) -> Any:

@@ -13,4 +13,4 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
-mkdir -p var
+mkdir -p var/static

@@ -15,9 +15,10 @@ from django.utils import timezone
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
-from accounts.admin import AuditedAdmin
+from accounts.admin import AuditedAdmin, acting_user
 from accounts.models import AuditAction
 from gateway.models import ServedModel
+from gateway.services import delete_served_model
 from quotas import admin as quotas_admin
 from quotas.models import UsageRecord
 from tokenlimit.tokens import get_counter
@@ -65,6 +66,7 @@ class ServedModelForm(forms.ModelForm):
 @admin.register(ServedModel)
 class ServedModelAdmin(AuditedAdmin):
     audit_action = AuditAction.MODEL_CHANGED
+    audit_created_action = AuditAction.MODEL_CREATED
     form = ServedModelForm
     list_display = (
         "name",
@@ -99,6 +101,14 @@ class ServedModelAdmin(AuditedAdmin):
                 mean_gap=Subquery(differ.annotate(g=Avg(gap)).values("g")[:1]),
             )
         )
+
+    def delete_model(self, request: HttpRequest, obj: ServedModel) -> None:
+        delete_served_model(obj, actor=acting_user(request))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> None:
+        # One by one through the service: one audit row per model, as a single delete.
+        for model in queryset:
+            delete_served_model(model, actor=acting_user(request))
 
     @admin.display(description=_("token counter"))
     def token_counter(self, model: ServedModel) -> str:

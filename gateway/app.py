@@ -40,7 +40,7 @@ from gateway.embedded_beat import embedded_beat
 from gateway.errors import GatewayError, invalid
 from gateway.health import LIVE, Readiness
 from gateway.ledger import LedgerWriter, Outcome, RequestFacts, usage_row
-from gateway.limits import GatewayLimiter, make_backend
+from gateway.limits import GatewayLimiter, shared_backend
 from gateway.preparation import Prepared, UpstreamTarget, prepare, tokenize
 from gateway.proxy import Call, Proxy
 from gateway.request_schema import CHAT, COMPLETIONS, TOKENIZE, Context, require_model, validate
@@ -78,7 +78,7 @@ class Gateway:
             settings.GATEWAY_LEDGER_CHECKPOINT_SECONDS,
         )
         self.upstream = Upstream()
-        self.limits = GatewayLimiter(make_backend(), clock)
+        self.limits = GatewayLimiter(shared_backend(), clock)
         self.proxy = Proxy(self.upstream, self.counters, self.ledger, self.limits)
         self.stats = StatsPublisher()
         self.readiness = Readiness(

@@ -630,7 +630,7 @@ def _apply_server(config: ServerConfig, report: ImportReport) -> None:
     )
     report.count("models", created=created, changed=changed)
     try:
-        losers = served_models.take_model_aliases(model)
+        losers = served_models.take_model_aliases(model, actor_label="import_config")
     except ValueError as exc:
         raise ConfigError(config.file, "sglang_server.aliases", str(exc)) from None
     for _model in losers:

@@ -1,5 +1,6 @@
 """The gateway's use of the limiter: admission before the call, settlement after, leases kept
-alive while a request runs, the Redis-down policy, and the 429 a client sees.
+alive while a request runs, the Redis-down policy, and the 429 a client sees; and the live
+state of a user's windows for pages (`read_live_state`), read without admitting anything.
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ import asyncio
 import contextlib
 import logging
 import math
-from typing import Any
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
@@ -33,9 +36,14 @@ from tokenlimit.limiter import (
     LimiterUnavailable,
     Limits,
     Scope,
+    ScopeReading,
     ratelimit_headers,
     system_clock,
 )
+from tokenlimit.limiter_memory import MemoryBackend
+
+if TYPE_CHECKING:
+    from tokenlimit.limiter_redis import RedisReader
 
 log = logging.getLogger(__name__)
 MAX_RESERVATION = 2**48
@@ -60,9 +68,88 @@ def make_backend() -> Backend:
             reply_timeout=settings.LIMITER_REDIS_REPLY_TIMEOUT,
             pool_size=settings.LIMITER_REDIS_POOL_SIZE,
         )
-    from tokenlimit.limiter_memory import MemoryBackend
-
     return MemoryBackend()
+
+
+_embedded: MemoryBackend | None = None
+_readers: dict[tuple[str, float, float, int], RedisReader] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_backend() -> Backend:
+    """The backend a gateway of this process uses.
+
+    Embedded (no REDIS_URL) the limiter state lives in memory, so every gateway of the process
+    and `read_live_state` must use one MemoryBackend, made once. With Redis the state is shared
+    through Redis and each gateway gets its own RedisBackend: its asyncio pool belongs to the
+    gateway's event loop and is closed with it.
+    """
+    if settings.REDIS_URL:
+        return make_backend()
+    return _embedded_backend()
+
+
+def _embedded_backend() -> MemoryBackend:
+    global _embedded
+    with _shared_lock:
+        if _embedded is None:
+            _embedded = MemoryBackend()
+        return _embedded
+
+
+def _redis_reader() -> RedisReader:
+    """The process's synchronous Redis client, one per connection setting (tests change them;
+    the key prefix is passed with each read)."""
+    from tokenlimit.limiter_redis import RedisReader
+
+    setting = (
+        settings.REDIS_URL,
+        settings.LIMITER_REDIS_CONNECT_TIMEOUT,
+        settings.LIMITER_REDIS_REPLY_TIMEOUT,
+        settings.LIMITER_REDIS_POOL_SIZE,
+    )
+    with _shared_lock:
+        reader = _readers.get(setting)
+        if reader is None:
+            reader = _readers[setting] = RedisReader(
+                setting[0], setting[1], reply_timeout=setting[2], pool_size=setting[3]
+            )
+        return reader
+
+
+def read_live_state(scopes: list[Scope], *, now: float | None = None) -> list[ScopeReading]:
+    """Each scope's windows as the x-ratelimit-* headers would show them now, admitting nothing.
+
+    Synchronous, for Django views: safe from any thread, with or without an event loop. Reads
+    the gateway's own MemoryBackend when embedded, Redis otherwise; raises LimiterUnavailable
+    when Redis cannot be reached in time. `now` is for tests with an injected clock.
+    """
+    at = system_clock() if now is None else now
+    day = Day.at(at, ZoneInfo(settings.LIMITER_TIME_ZONE))
+    if settings.REDIS_URL:
+        return _redis_reader().peek(scopes, at, day, settings.LIMITER_REDIS_PREFIX)
+    return _embedded_backend().peek_sync(scopes, at, day)
+
+
+def user_scope(user_id: int, limits: Limits) -> Scope:
+    return Scope(f"u:{user_id}", limits)
+
+
+def key_scope(user_id: int, key_id: int, limits: Limits) -> Scope:
+    # Under the user's part, so limiter_redis keeps a user's keys in one hash slot.
+    return Scope(f"u:{user_id}:k:{key_id}", limits)
+
+
+def user_scopes(
+    user_id: int, limits: Limits, key_scopes: Iterable[tuple[int, Limits]] = ()
+) -> list[Scope]:
+    """The scopes admission counts for a user: the user's, then one per key with limits of its
+    own, `(key id, key limits)` (a key without its own limits has no counters but the user's).
+    """
+    return [
+        user_scope(user_id, limits),
+        *(key_scope(user_id, key_id, key_limits) for key_id, key_limits in key_scopes),
+    ]
 
 
 class GatewayLimiter:
@@ -76,9 +163,9 @@ class GatewayLimiter:
         self._renewer: asyncio.Task[None] | None = None
 
     def scopes(self, grant: KeyGrant) -> list[Scope]:
-        scopes = [Scope(f"u:{grant.user_id}", grant.limits)]
+        scopes = [user_scope(grant.user_id, grant.limits)]
         if grant.key_limits is not None:
-            scopes.append(Scope(f"u:{grant.user_id}:k:{grant.key_id}", grant.key_limits))
+            scopes.append(key_scope(grant.user_id, grant.key_id, grant.key_limits))
         return scopes
 
     async def admit(self, grant: KeyGrant, rid: str, tokens: int, model: str) -> Decision | None:

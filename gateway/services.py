@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
 from django.utils.translation import gettext
 
+from accounts.models import AuditAction
+from accounts.services import changes, record_audit, validated_changes
 from gateway.models import ServedModel
 
+# What import_config sets (set_served_model).
 SERVED_MODEL_FIELDS = (
     "aliases",
     "upstream_url",
@@ -18,31 +25,75 @@ SERVED_MODEL_FIELDS = (
     "is_active",
     "description",
 )
+# Every field an operator may set (save_served_model), in the model's order.
+EDITABLE_MODEL_FIELDS = tuple(
+    field.name
+    for field in ServedModel._meta.concrete_fields
+    if field.editable and not field.primary_key
+)
+# The bounds import_config holds a server file to, for every other way in too.
+MAX_KOREAN_FACTOR = 10.0
+MAX_REQUEST_TIMEOUT_SECONDS = 86400.0
+MAX_ALIASES = 100
+IMPORT_LABEL = "import_config"
 
 
-def set_served_model(name: str, **fields: Any) -> tuple[ServedModel, bool, bool]:
-    """Create or update the served model `name`; returns (model, created, changed)."""
+def save_served_model(
+    *,
+    actor: User | None,
+    actor_label: str | None = None,
+    model: ServedModel | None,
+    **fields: Any,
+) -> tuple[ServedModel, bool]:
+    """Create a served model (model=None; `fields` name it) or change `model`; returns (model,
+    changed), changed being True for a new one. Validated by the model and the bounds above
+    (ValidationError by field). Its aliases are taken from any other model that had them, in
+    the same transaction, each loss audited too; an alias that is another model's own name is
+    refused. No change, nothing written (no audit row)."""
+    unknown = set(fields) - set(EDITABLE_MODEL_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown served model fields: {sorted(unknown)}")
+    return _save(actor, actor_label, model, fields, take_aliases=True)
+
+
+def set_served_model(
+    name: str, *, actor: User | None = None, actor_label: str = IMPORT_LABEL, **fields: Any
+) -> tuple[ServedModel, bool, bool]:
+    """Create or update the served model `name` (import_config); returns (model, created,
+    changed). Aliases are left to take_model_aliases, which the import calls next so that it
+    can name the file and entry of a clash."""
     unknown = set(fields) - set(SERVED_MODEL_FIELDS)
     if unknown:
         raise ValueError(f"unknown served model fields: {sorted(unknown)}")
-    model = ServedModel.objects.filter(name=name).first()
-    if model is None:
-        return ServedModel.objects.create(name=name, **fields), True, True
-    changed = [field for field, value in fields.items() if getattr(model, field) != value]
-    for field in changed:
-        setattr(model, field, fields[field])
-    if changed:
-        model.save(update_fields=changed)
-    return model, False, bool(changed)
+    existing = ServedModel.objects.filter(name=name).first()
+    wanted = fields if existing is not None else {"name": name, **fields}
+    model, changed = _save(actor, actor_label, existing, wanted, take_aliases=False)
+    return model, existing is None, changed
 
 
-def take_model_aliases(model: ServedModel) -> list[ServedModel]:
-    """Remove `model`'s aliases from every other model, so that each name means one model.
+def delete_served_model(
+    model: ServedModel, *, actor: User | None, actor_label: str | None = None
+) -> None:
+    """Delete a served model, audited with what it was. Its usage history stays (the ledger
+    names models by name); clients asking for it get "model not found" once the gateway's model
+    cache refreshes."""
+    with transaction.atomic():
+        locked = ServedModel.objects.select_for_update().get(pk=model.pk)
+        # Recorded before the row goes: the event keeps the model's id and values.
+        record_audit(actor, AuditAction.MODEL_DELETED, locked, _facts(locked), actor_label)
+        locked.delete()
+
+
+def take_model_aliases(
+    model: ServedModel, *, actor: User | None = None, actor_label: str | None = None
+) -> list[ServedModel]:
+    """Remove `model`'s aliases from every other model, so that each name means one model; each
+    model that loses one gets an audit row. Call it in the transaction that set the aliases.
 
     Returns the models that lost an alias. An alias that is another model's own name cannot be
     taken (clients already use that name): ValueError.
     """
-    others = list(ServedModel.objects.exclude(pk=model.pk))
+    others = list(ServedModel.objects.exclude(pk=model.pk).select_for_update())
     clashes = sorted(other.name for other in others if other.name in model.aliases)
     if clashes:
         raise ValueError(
@@ -53,7 +104,98 @@ def take_model_aliases(model: ServedModel) -> list[ServedModel]:
     for other in others:
         kept = [alias for alias in other.aliases or [] if alias not in model.aliases]
         if kept != (other.aliases or []):
+            details = changes({"aliases": other.aliases}, {"aliases": kept})
             other.aliases = kept
             other.save(update_fields=["aliases"])
+            record_audit(actor, AuditAction.MODEL_CHANGED, other, details, actor_label)
             changed.append(other)
     return changed
+
+
+def _save(
+    actor: User | None,
+    actor_label: str | None,
+    model: ServedModel | None,
+    fields: dict[str, Any],
+    *,
+    take_aliases: bool,
+) -> tuple[ServedModel, bool]:
+    if "aliases" in fields:
+        fields = {**fields, "aliases": _checked_aliases(fields["aliases"])}
+    with transaction.atomic():
+        if model is None:
+            edited = ServedModel(**fields)
+            edited.full_clean()
+            details = _facts(edited)
+            action = AuditAction.MODEL_CREATED
+        else:
+            current = ServedModel.objects.select_for_update().get(pk=model.pk)
+            edited, details = validated_changes(current, fields)
+            action = AuditAction.MODEL_CHANGED
+        # Only what this call sets: a value stored earlier does not block an unrelated change.
+        _check_bounds(edited, fields)
+        if not details:
+            return model or edited, False
+        _write(edited, None if model is None else list(details))
+        if take_aliases and edited.aliases and (model is None or "aliases" in details):
+            try:
+                take_model_aliases(edited, actor=actor, actor_label=actor_label)
+            except ValueError as exc:
+                raise ValidationError({"aliases": str(exc)}) from None
+        record_audit(actor, action, edited, details, actor_label)
+    if model is None:
+        return edited, True
+    for field in details:
+        setattr(model, field, getattr(edited, field))
+    return model, True
+
+
+def _write(model: ServedModel, update_fields: list[str] | None) -> None:
+    """Save, turning a name taken since full_clean checked it into the same ValidationError."""
+    try:
+        with transaction.atomic():
+            model.save(update_fields=update_fields)
+    except IntegrityError:
+        taken = model.unique_error_message(ServedModel, ("name",))
+        raise ValidationError({"name": taken}) from None
+
+
+def _checked_aliases(aliases: object) -> list[str]:
+    """A list of distinct, non-empty names no longer than a model's name (ValidationError on
+    "aliases" otherwise); the JSON column itself would take anything."""
+    limit = ServedModel._meta.get_field("name").max_length or 200
+    if (
+        not isinstance(aliases, list)
+        or len(aliases) > MAX_ALIASES
+        or not all(isinstance(alias, str) and 0 < len(alias) <= limit for alias in aliases)
+    ):
+        raise ValidationError({"aliases": gettext('Enter a list of names, e.g. ["korean-qwen"].')})
+    return list(dict.fromkeys(aliases))
+
+
+def _check_bounds(model: ServedModel, fields: dict[str, Any]) -> None:
+    errors: dict[str, str] = {}
+    if "context_length" in fields and model.context_length < 1:
+        errors["context_length"] = gettext("Enter a whole number of at least 1.")
+    factor = model.korean_factor
+    if (
+        "korean_factor" in fields
+        and factor is not None
+        and not (math.isfinite(factor) and 0 < factor <= MAX_KOREAN_FACTOR)
+    ):
+        errors["korean_factor"] = gettext(
+            "Enter a number above 0 and at most %(maximum)s, or leave it blank."
+        ) % {"maximum": MAX_KOREAN_FACTOR}
+    timeout = model.request_timeout_seconds
+    if "request_timeout_seconds" in fields and not (
+        math.isfinite(timeout) and 0 < timeout <= MAX_REQUEST_TIMEOUT_SECONDS
+    ):
+        errors["request_timeout_seconds"] = gettext(
+            "Enter a number above 0 and at most %(maximum)s."
+        ) % {"maximum": MAX_REQUEST_TIMEOUT_SECONDS}
+    if errors:
+        raise ValidationError(errors)
+
+
+def _facts(model: ServedModel) -> dict[str, Any]:
+    return {field: getattr(model, field) for field in EDITABLE_MODEL_FIELDS}

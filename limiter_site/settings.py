@@ -76,6 +76,15 @@ def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+def env_rate(name: str, default: str) -> str:
+    """A DRF throttle rate such as `120/min`, checked now rather than on the first request."""
+    value = env_str(name, default)
+    count, _, unit = value.partition("/")
+    if not count.isdigit() or unit not in ("s", "sec", "m", "min", "h", "hour", "d", "day"):
+        raise ImproperlyConfigured(f"{name} must look like 120/min (per s, min, hour, day)")
+    return value
+
+
 def env_networks(name: str) -> tuple[str, ...]:
     """Comma-separated addresses or CIDR networks, checked now rather than on first use."""
     items = tuple(env_list(name))
@@ -155,6 +164,12 @@ AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, minim
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "accounts/lockout.html"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
     "django.contrib.auth.backends.ModelBackend",
@@ -170,15 +185,22 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "axes",
     "rest_framework",
+    "drf_spectacular",
+    # Swagger UI and Redoc as static files of a package: operators run behind firewalls.
+    "drf_spectacular_sidecar",
     "channels",
     "accounts",
     "quotas",
     "gateway",
     "telemetry",
+    "api",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (the admin's CSS, Swagger UI) from the ASGI server itself, right after the
+    # security headers and before anything that reads a session.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -280,11 +302,63 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# `collectstatic` fills STATIC_ROOT (deploy/quickstart.sh does); without it (a test run, a
+# developer's server) WhiteNoise finds the files in the apps and packages themselves.
+WHITENOISE_USE_FINDERS = env_bool("STATIC_FROM_APPS", True)
 
+
+# --- The REST API (api/) ------------------------------------------------------------------------
+# Clients authenticate with their API key or a session; operators with a staff session or an
+# operator token. Errors in one JSON shape (api/errors.py). Throttled per user in the shared
+# cache (Redis when REDIS_URL is set, so every replica counts together).
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "api.authentication.ApiKeyAuthentication",
+        "api.authentication.OperatorTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["api.permissions.IsClient"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_THROTTLE_CLASSES": ["api.throttling.ApiUserThrottle"],
+    "DEFAULT_THROTTLE_RATES": {
+        "client": env_rate("API_THROTTLE_CLIENT", "120/min"),
+        "operator": env_rate("API_THROTTLE_OPERATOR", "600/min"),
+    },
+    "DEFAULT_SCHEMA_CLASS": "api.schema.ApiAutoSchema",
+    "EXCEPTION_HANDLER": "api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # `?format=csv` is our usage export's parameter, not DRF's renderer switch.
+    "URL_FORMAT_OVERRIDE": None,
 }
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Korean SGLang Token Limiter API",
+    "DESCRIPTION": (
+        "Usage, limits and keys for clients; users, plans, keys, models and usage for "
+        "operators. The OpenAI-compatible endpoints (/v1/…) are documented by OpenAI's own "
+        "reference; this is everything else. Errors: see the Error schema."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {},
+}
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            # Shares the limiter's prefix: deployments (and test runs) on one Redis stay apart.
+            "KEY_PREFIX": env_str("LIMITER_REDIS_PREFIX", "lim") + ":cache",
+            "TIMEOUT": 300,
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # --- The gateway (gateway/) -------------------------------------------------------------------
 # Where SGLang (or the bundled simulator) listens; a model may name its own upstream in the admin.

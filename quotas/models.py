@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from quotas.request_policy import validate_extra_fields
 from tokenlimit.limiter import LIMIT_FIELDS, Limits
+
+# A served model's name (200) and ":" and a LoRA adapter's name (64), with room to spare.
+MODEL_NAME_MAX = 300
+
+
+def validate_model_names(names: object) -> None:
+    """Model-field validator for allowed_models: the gateway reads it as a list of names, so
+    anything else would break every request of the plan's users."""
+    if not isinstance(names, list) or not all(
+        isinstance(name, str) and 0 < len(name) <= MODEL_NAME_MAX for name in names
+    ):
+        raise ValidationError(gettext('Enter a list of model names, e.g. ["korean-qwen"].'))
 
 
 class Plan(models.Model):
@@ -23,6 +37,7 @@ class Plan(models.Model):
         _("allowed models"),
         default=list,
         blank=True,
+        validators=[validate_model_names],
         help_text=_(
             "Model names or aliases this plan may use; empty allows every model and adapter. "
             'A LoRA adapter is allowed by "model:adapter", all of a model\'s by "model:*".'
@@ -54,6 +69,19 @@ class Plan(models.Model):
         help_text=_(
             "Send a per-user cache_salt so that one user's prompts never hit prefix-cache "
             "entries made by another. Costs the hits users would share (a common system prompt)."
+        ),
+    )
+    self_service_keys = models.BooleanField(
+        _("self-service API keys"),
+        default=True,
+        help_text=_("End users may create and revoke their own API keys."),
+    )
+    max_keys_per_user = models.PositiveIntegerField(
+        _("max keys per user"),
+        default=5,
+        help_text=_(
+            "Most active keys a user may hold when creating their own; 0 = no limit. Keys an "
+            "operator creates are not limited."
         ),
     )
 
@@ -89,7 +117,9 @@ class UserQuota(models.Model):
     max_parallel_requests = models.PositiveIntegerField(
         _("max parallel requests"), null=True, blank=True
     )
-    allowed_models = models.JSONField(_("allowed models"), null=True, blank=True)
+    allowed_models = models.JSONField(
+        _("allowed models"), null=True, blank=True, validators=[validate_model_names]
+    )
 
     class Meta:
         verbose_name = _("user quota")

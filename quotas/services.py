@@ -12,12 +12,23 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
 from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
+from django.utils.translation import gettext, ngettext
 
 from accounts.models import ApiKey, AuditAction
-from accounts.services import KEY_LIMIT_FIELDS, changes, record_audit
+from accounts.services import (
+    KEY_LIMIT_FIELDS,
+    changes,
+    check_credential_name,
+    check_expiry,
+    create_api_key,
+    record_audit,
+    revoke_api_keys,
+    validated_changes,
+)
 from quotas.models import LedgerDeadLetter, Plan, UsageRecord, UserQuota
 from quotas.request_policy import RequestAccess, user_cache_salt
 from tokenlimit.ledger_rows import (
@@ -112,7 +123,7 @@ def load_key_grant(key_hash: str) -> KeyGrant | None:
         user_id=key.user_id,
         username=key.user.get_username(),
         limits=limits,
-        key_limits=_key_limits(key, limits),
+        key_limits=key_limits(key, limits),
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
         revoked=key.revoked_at is not None or not key.user.is_active,
         access=plan_access(plan, key.user_id),
@@ -128,7 +139,8 @@ def plan_access(plan: Plan, user_id: int) -> RequestAccess:
     )
 
 
-def _key_limits(key: ApiKey, user_limits: Limits) -> Limits | None:
+def key_limits(key: ApiKey, user_limits: Limits) -> Limits | None:
+    """The key's own limits (0 = none in that window), or None if it has none of its own."""
     values: dict[str, int | None] = {field: getattr(key, field) for field in KEY_LIMIT_FIELDS}
     if all(v is None for v in values.values()):
         return None
@@ -309,20 +321,206 @@ LEDGER_INSERT_SQL = (
 )
 
 
+# --- Plans --------------------------------------------------------------------------------------
+
+# Every field an operator may set on a plan (all but the id), in the model's order.
+PLAN_FIELDS = tuple(
+    field.name for field in Plan._meta.concrete_fields if field.editable and not field.primary_key
+)
+
+
+class PlanInUse(Exception):
+    """delete_plan refused: users are on the plan (or it is the default plan, which every user
+    without a plan of their own is on)."""
+
+    def __init__(self, message: str, users: int) -> None:
+        super().__init__(message)
+        self.users = users
+
+
+def _check_plan_fields(fields: dict[str, Any]) -> None:
+    unknown = set(fields) - set(PLAN_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown plan fields: {sorted(unknown)}")
+
+
+def _save_plan(plan: Plan, update_fields: list[str] | None = None) -> None:
+    """Save, turning a name taken since full_clean checked it into the same ValidationError."""
+    try:
+        with transaction.atomic():
+            plan.save(update_fields=update_fields)
+    except IntegrityError:
+        raise ValidationError({"name": plan.unique_error_message(Plan, ("name",))}) from None
+
+
+def create_plan(
+    *, actor: User | None, actor_label: str | None = None, name: str, **fields: Any
+) -> Plan:
+    """A new plan, validated by the model (ValidationError by field); audited with every value."""
+    _check_plan_fields(fields)
+    plan = Plan(name=name, **fields)
+    plan.full_clean()
+    with transaction.atomic():
+        _save_plan(plan)
+        record_audit(actor, AuditAction.PLAN_CREATED, plan, _plan_facts(plan), actor_label)
+    return plan
+
+
+def update_plan(
+    plan: Plan, *, actor: User | None, actor_label: str | None = None, **fields: Any
+) -> bool:
+    """Change any of PLAN_FIELDS, validated by the model (ValidationError by field); returns
+    whether anything changed (nothing is written if not: neither the plan nor an audit row).
+
+    Compared with the row as stored (locked), not with `plan` as the caller loaded it, so the
+    audit's "old" values are the real ones; `plan` is brought up to date afterwards. The
+    gateway's key cache picks up new limits within GATEWAY_KEY_CACHE_SECONDS."""
+    _check_plan_fields(fields)
+    with transaction.atomic():
+        current = Plan.objects.select_for_update().get(pk=plan.pk)
+        edited, details = validated_changes(current, fields)
+        if not details:
+            return False
+        _save_plan(edited, update_fields=list(details))
+        record_audit(actor, AuditAction.PLAN_CHANGED, edited, details, actor_label)
+    for field in details:
+        setattr(plan, field, getattr(edited, field))
+    return True
+
+
 def set_plan_limits(
     plan: Plan, *, actor: User | None, actor_label: str | None = None, **limits: int
 ) -> bool:
-    """Set some of a plan's limits; returns whether anything changed (nothing is written if not:
-    neither the plan nor an audit row)."""
+    """update_plan for the limit fields alone (import_config's default limits)."""
     unknown = set(limits) - set(LIMIT_FIELDS)
     if unknown:
         raise ValueError(f"unknown plan limits: {sorted(unknown)}")
-    details = changes({field: getattr(plan, field) for field in limits}, limits)
-    if not details:
-        return False
-    for field in details:
-        setattr(plan, field, limits[field])
+    return update_plan(plan, actor=actor, actor_label=actor_label, **limits)
+
+
+def delete_plan(plan: Plan, *, actor: User | None, actor_label: str | None = None) -> None:
+    """Delete a plan nobody is on (PlanInUse otherwise), audited with what it was."""
     with transaction.atomic():
-        plan.save(update_fields=list(details))
-        record_audit(actor, AuditAction.PLAN_CHANGED, plan, details, actor_label)
+        # Locked: set_user_quota's insert of a quota on this plan waits for the foreign key's
+        # row lock, and then fails, instead of racing with the count.
+        locked = Plan.objects.select_for_update().get(pk=plan.pk)
+        if locked.name == DEFAULT_PLAN_NAME:
+            users = User.objects.filter(quota__isnull=True).count() + locked.quotas.count()
+            raise PlanInUse(
+                gettext(
+                    "The default plan cannot be deleted: every user without a plan of their "
+                    "own is on it."
+                ),
+                users,
+            )
+        users = locked.quotas.count()
+        if users:
+            message = ngettext(
+                "%(count)d user is on this plan: move them to another plan first.",
+                "%(count)d users are on this plan: move them to another plan first.",
+                users,
+            )
+            raise PlanInUse(message % {"count": users}, users)
+        # Recorded before the row goes: the event keeps the plan's id and values.
+        record_audit(actor, AuditAction.PLAN_DELETED, locked, _plan_facts(locked), actor_label)
+        locked.delete()
+
+
+def _plan_facts(plan: Plan) -> dict[str, Any]:
+    return {field: getattr(plan, field) for field in PLAN_FIELDS}
+
+
+def user_plan(user: User) -> Plan:
+    """The plan the user is on: their quota's, else the default plan."""
+    quota = _quota_of(user)
+    return quota.plan if quota is not None else default_plan()
+
+
+def effective_limits_for(user: User) -> Limits:
+    """The limits the gateway applies to the user: their plan's with their own overrides."""
+    quota = _quota_of(user)
+    return quota.effective_limits() if quota is not None else _plan_limits(default_plan())
+
+
+def _quota_of(user: User) -> UserQuota | None:
+    """The user's quota with its plan: one query per user instance, then cached on it as
+    `user.quota` would be (a request asking for both the plan and the limits pays once)."""
+    relation = UserQuota._meta.get_field("user").remote_field
+    if relation.is_cached(user):
+        cached = relation.get_cached_value(user)
+        return cached if isinstance(cached, UserQuota) else None
+    quota = UserQuota.objects.select_related("plan").filter(user=user).first()
+    relation.set_cached_value(user, quota)
+    return quota
+
+
+# --- A user's own API keys ----------------------------------------------------------------------
+
+
+class KeyPolicyError(Exception):
+    """A user's own key creation or revocation refused by their plan; `code` says why."""
+
+    SELF_SERVICE_OFF = "self_service_off"
+    TOO_MANY_KEYS = "key_limit_reached"
+    INACTIVE_USER = "inactive_user"
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def create_own_api_key(
+    user: User, *, name: str, expires_at: datetime | None = None
+) -> tuple[ApiKey, str]:
+    """A key the user makes for themselves (and is recorded as its actor), within their plan's
+    self-service policy (KeyPolicyError otherwise); the raw key is returned here only once."""
+    name = check_credential_name(name)
+    expires_at = check_expiry(expires_at)
+    with transaction.atomic():
+        # The user's row locked: two concurrent creates count one after the other, so together
+        # they cannot exceed the plan's maximum.
+        locked = User.objects.select_for_update().get(pk=user.pk)
+        if not locked.is_active:
+            raise KeyPolicyError(
+                gettext("This account is deactivated."), KeyPolicyError.INACTIVE_USER
+            )
+        plan = user_plan(locked)
+        _require_self_service(plan)
+        limit = plan.max_keys_per_user
+        if limit and _active_keys(locked).count() >= limit:
+            message = ngettext(
+                "Your plan allows %(count)d active API key: revoke one first.",
+                "Your plan allows %(count)d active API keys: revoke one first.",
+                limit,
+            )
+            raise KeyPolicyError(message % {"count": limit}, KeyPolicyError.TOO_MANY_KEYS)
+        return create_api_key(locked, actor=locked, name=name, expires_at=expires_at)
+
+
+def revoke_own_api_key(user: User, key_id: int) -> bool:
+    """Revoke one of the user's own keys, recorded with the user as the actor. False if no key
+    of theirs has that id (someone else's, or none: the caller answers "not found" to both);
+    True if it is theirs and now revoked (also when it already was)."""
+    if isinstance(key_id, bool) or not isinstance(key_id, int) or not 0 < key_id < 2**63:
+        return False
+    _require_self_service(user_plan(user))
+    with transaction.atomic():
+        key = ApiKey.objects.select_for_update().filter(pk=key_id, user=user).first()
+        if key is None:
+            return False
+        if key.revoked_at is None:
+            revoke_api_keys([key], actor=user)
     return True
+
+
+def _require_self_service(plan: Plan) -> None:
+    if not plan.self_service_keys:
+        raise KeyPolicyError(
+            gettext("Your plan does not let you manage your own API keys; ask an operator."),
+            KeyPolicyError.SELF_SERVICE_OFF,
+        )
+
+
+def _active_keys(user: User) -> QuerySet[ApiKey]:
+    now = timezone.now()
+    return ApiKey.objects.filter(user=user, revoked_at__isnull=True).exclude(expires_at__lte=now)

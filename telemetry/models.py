@@ -48,7 +48,12 @@ class UsageRollup(models.Model):
                 fields=["period", "period_start", "user", "model"], name="one_rollup_per_cell"
             )
         ]
-        indexes = [models.Index(fields=["period", "period_start"])]
+        indexes = [
+            models.Index(fields=["period", "period_start"]),
+            # One user's report (telemetry.usage): that user's cells of a period in a range,
+            # without walking every user's cells of the range.
+            models.Index(fields=["user", "period", "period_start"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.period} {self.period_start:%Y-%m-%d %H:%M} {self.user_id} {self.model}"

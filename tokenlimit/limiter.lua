@@ -1,4 +1,5 @@
--- Atomic multi-window admission, settlement and lease renewal: one round trip, all or nothing.
+-- Atomic multi-window admission, settlement and lease renewal: one round trip, all or nothing;
+-- and `peek`, the read-only look at a scope's windows (the user's page shows them).
 -- The algorithm mirrors tokenlimit/limiter_memory.py step for step; tests hold both to the same
 -- answers. All keys of one user share the hash tag {u:<id>}, so this runs on Redis Cluster.
 --
@@ -70,13 +71,16 @@ local function day_add(k, change)
   redis.call('SET', k.D, total, 'EX', math.ceil(day_ends_in) + 3600)
 end
 
-local function release(k, id)
+-- A reservation's tokens and day; 0 and '' once it has been settled or released.
+local function reservation(k, id)
   local rec = redis.call('HGET', k.A, 'x:' .. id)
-  local reserved, rday = 0, ''
-  if rec then
-    local sep = string.find(rec, '|', 1, true)
-    reserved, rday = tonumber(string.sub(rec, 1, sep - 1)), string.sub(rec, sep + 1)
-  end
+  if not rec then return 0, '' end
+  local sep = string.find(rec, '|', 1, true)
+  return tonumber(string.sub(rec, 1, sep - 1)), string.sub(rec, sep + 1)
+end
+
+local function release(k, id)
+  local reserved, rday = reservation(k, id)
   redis.call('HDEL', k.A, 'x:' .. id)
   redis.call('ZREM', k.P, id)
   adjust(k, k.M, 'm', id, -reserved)
@@ -155,6 +159,65 @@ local function states(out)
   return out
 end
 
+-- What `prepare` then `state` would report at `now`, plus the requests in flight and the
+-- cooldown left, computed without a single write: the releases of expired leases and the
+-- trimming are worked out in local variables, in the same order. A reader whose clock runs
+-- ahead of the gateways' (a Django process) therefore never releases a lease or drops an entry
+-- they still count. It lives in this script, next to `prepare`, so that the two change together
+-- (tests/tokenlimit/test_limiter_contract.py holds peek to admission's numbers).
+local function peek(k)
+  local amounts = {}  -- '<m|h>:<id>' → amount as a release would leave it
+  local function amount(p, id)
+    local field = p .. ':' .. id
+    if amounts[field] == nil then amounts[field] = redis.call('HGET', k.A, field) end
+    return amounts[field]  -- false when the entry has no amount
+  end
+  local totals = {m = num(redis.call('HGET', k.A, 'tm')), h = num(redis.call('HGET', k.A, 'th'))}
+  local used_day = num(redis.call('GET', k.D))
+  local expired = redis.call('ZRANGEBYSCORE', k.P, '-inf', fmt(now))
+  for _, id in ipairs(expired) do  -- release(), adjust() with a negative change
+    local reserved, rday = reservation(k, id)
+    for _, p in ipairs({'m', 'h'}) do
+      local a = amount(p, id)
+      if a then
+        local change = math.max(-reserved, -num(a))
+        amounts[p .. ':' .. id] = num(a) + change
+        totals[p] = math.max(totals[p] + change, 0)
+      end
+    end
+    if rday == day then used_day = math.max(used_day - reserved, 0) end
+  end
+  -- trim(), then reset_in(): what ZREMRANGEBYSCORE -inf cutoff would leave is (cutoff, +inf].
+  local function newest_reset(z, cutoff, window)
+    local newest = redis.call('ZREVRANGEBYSCORE', z, '+inf', '(' .. cutoff, 'WITHSCORES',
+                              'LIMIT', 0, 1)
+    if #newest == 0 then return 0 end
+    return tonumber(newest[2]) + window - now
+  end
+  local function trimmed(z, p, window)
+    local cutoff = fmt(now - window)
+    local total = totals[p]
+    local old = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff)
+    if #old > 0 then
+      for _, id in ipairs(old) do total = total - num(amount(p, id)) end
+      if total < 0 then total = 0 end
+    end
+    return total, newest_reset(z, cutoff, window)
+  end
+  local cutoff_r = fmt(now - MINUTE)
+  local requests = redis.call('ZCOUNT', k.R, '(' .. cutoff_r, '+inf')
+  local used_m, reset_m = trimmed(k.M, 'm', MINUTE)
+  local used_h, reset_h = trimmed(k.H, 'h', HOUR)
+  local day_reset = 0
+  if used_day > 0 then day_reset = day_ends_in end
+  local cooldown_until = num(redis.call('GET', k.C))
+  local cooldown = 0
+  if cooldown_until > now then cooldown = cooldown_until - now end
+  return {requests, fmt(newest_reset(k.R, cutoff_r, MINUTE)), used_m, fmt(reset_m),
+          used_h, fmt(reset_h), used_day, fmt(day_reset),
+          redis.call('ZCARD', k.P) - #expired, fmt(cooldown)}
+end
+
 local STARTS_COOLDOWN = {requests = true, tokens = true, tokens_per_hour = true,
                          parallel_requests = true}
 
@@ -194,12 +257,7 @@ elseif op == 'settle' then
   for i = 1, nscopes do
     local k, l = scope_keys(i), scope_limits(i)
     prepare(k)
-    local rec = redis.call('HGET', k.A, 'x:' .. rid)
-    local reserved, rday = 0, ''
-    if rec then
-      local sep = string.find(rec, '|', 1, true)
-      reserved, rday = tonumber(string.sub(rec, 1, sep - 1)), string.sub(rec, sep + 1)
-    end
+    local reserved, rday = reservation(k, rid)
     redis.call('HDEL', k.A, 'x:' .. rid)
     redis.call('ZREM', k.P, rid)
     local delta = tokens - reserved
@@ -218,5 +276,11 @@ elseif op == 'renew' then
     end
   end
   return 1
+elseif op == 'peek' then
+  local out = {}
+  for i = 1, nscopes do
+    for _, v in ipairs(peek(scope_keys(i))) do table.insert(out, v) end
+  end
+  return out
 end
 return redis.error_reply('unknown op ' .. tostring(op))

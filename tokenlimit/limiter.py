@@ -111,6 +111,71 @@ class Decision:
     state: WindowState = field(default_factory=WindowState)
 
 
+@dataclass(frozen=True, slots=True)
+class ScopeReading:
+    """One scope's windows right now, read without admitting anything (`Backend.peek`).
+
+    `state` is what admission would put in `Decision.state` for this scope at that moment (a
+    request looked at but not admitted: expired leases released, windows trimmed, the same
+    reset rules), so a page can show exactly what the x-ratelimit-* headers say. The `used_*`
+    counts include running reservations. A window without a limit keeps no log (limiter.lua,
+    admission), so its used count is 0; the day counter is kept either way. To merge the states
+    of several readings (`merge_states`, which changes its first argument), pass copies.
+    """
+
+    key: str
+    state: WindowState
+    used_requests: int
+    used_tokens: int
+    used_tokens_hour: int
+    used_tokens_day: int
+    in_flight: int
+    max_parallel: int  # 0 = no limit
+    cooldown_remaining: float  # seconds until a running cooldown ends; 0.0 if none
+
+
+def scope_reading(
+    scope: Scope,
+    used: tuple[int, int, int, int],
+    resets: tuple[float, float, float, float],
+    in_flight: int,
+    cooldown_remaining: float,
+) -> ScopeReading:
+    """A reading from what a backend counted: `used` and `resets` of requests per minute,
+    tokens per minute, per hour and per day, in that order."""
+    limits = scope.limits
+    requests, tokens, tokens_hour, tokens_day = used
+    return ScopeReading(
+        key=scope.key,
+        state=WindowState(
+            limit_requests=limits.requests_per_minute,
+            remaining_requests=remaining(limits.requests_per_minute, requests),
+            reset_requests=resets[0],
+            limit_tokens=limits.tokens_per_minute,
+            remaining_tokens=remaining(limits.tokens_per_minute, tokens),
+            reset_tokens=resets[1],
+            limit_tokens_hour=limits.tokens_per_hour,
+            remaining_tokens_hour=remaining(limits.tokens_per_hour, tokens_hour),
+            reset_tokens_hour=resets[2],
+            limit_tokens_day=limits.tokens_per_day,
+            remaining_tokens_day=remaining(limits.tokens_per_day, tokens_day),
+            reset_tokens_day=resets[3],
+        ),
+        used_requests=requests,
+        used_tokens=tokens,
+        used_tokens_hour=tokens_hour,
+        used_tokens_day=tokens_day,
+        in_flight=in_flight,
+        max_parallel=limits.max_parallel_requests,
+        cooldown_remaining=cooldown_remaining,
+    )
+
+
+def remaining(limit: int, used: int) -> int:
+    """What is left of a window (0 when it has no limit, as the headers report it)."""
+    return max(limit - used, 0) if limit else 0
+
+
 class Backend(Protocol):
     async def admit(
         self, scopes: list[Scope], rid: str, tokens: int, now: float, lease: float, day: Day
@@ -123,6 +188,10 @@ class Backend(Protocol):
     async def renew(
         self, scopes_by_rid: dict[str, list[Scope]], now: float, lease: float
     ) -> None: ...
+
+    async def peek(self, scopes: list[Scope], now: float, day: Day) -> list[ScopeReading]:
+        """One reading per scope, in order; changes nothing any later call sees."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -1,12 +1,20 @@
 """The embedded limiter backend: one process, no Redis (the quick start).
 
 It is the reference implementation of the algorithm in tokenlimit/limiter.lua, line for line in
-the same order, so that the contract tests in tests/quotas/test_limiter_contract.py can hold
+the same order, so that the contract tests in tests/tokenlimit/test_limiter_contract.py hold
 both to identical answers.
+
+Thread safety: the gateway's event loop runs every operation to its end without an await, so
+operations never interleave on the loop; but a Django view (`gateway.limits.read_live_state`)
+peeks from a worker thread of the same process. Each operation therefore holds one lock for its
+whole body. Uncontended it costs well under a microsecond a decision; a peek holds it only for
+the scopes it reads (its cost grows with the expired entries and leases, as admission's does).
+A lock-free snapshot would have to copy a scope's whole hour log on every read instead.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from tokenlimit.limiter import (
@@ -23,8 +31,11 @@ from tokenlimit.limiter import (
     Day,
     Decision,
     Scope,
+    ScopeReading,
     WindowState,
     merge_states,
+    remaining,
+    scope_reading,
 )
 
 
@@ -83,6 +94,7 @@ class ScopeState:
 class MemoryBackend:
     def __init__(self) -> None:
         self.scopes: dict[str, ScopeState] = {}
+        self._lock = threading.Lock()
 
     async def close(self) -> None:
         """Nothing to close: the state lives in this process."""
@@ -99,6 +111,12 @@ class MemoryBackend:
         return state
 
     async def admit(
+        self, scopes: list[Scope], rid: str, tokens: int, now: float, lease: float, day: Day
+    ) -> Decision:
+        with self._lock:
+            return self._admit(scopes, rid, tokens, now, lease, day)
+
+    def _admit(
         self, scopes: list[Scope], rid: str, tokens: int, now: float, lease: float, day: Day
     ) -> Decision:
         states = [self._state(scope, now, day) for scope in scopes]
@@ -135,6 +153,10 @@ class MemoryBackend:
     async def settle(
         self, scopes: list[Scope], rid: str, tokens: int, now: float, day: Day
     ) -> None:
+        with self._lock:
+            self._settle(scopes, rid, tokens, now, day)
+
+    def _settle(self, scopes: list[Scope], rid: str, tokens: int, now: float, day: Day) -> None:
         for scope in scopes:
             state = self._state(scope, now, day)
             reserved, reserved_day = state.reservations.pop(rid, (0, ""))
@@ -149,11 +171,20 @@ class MemoryBackend:
             state.day_total = max(state.day_total + _day_change(reserved_day, day, delta), 0)
 
     async def renew(self, scopes_by_rid: dict[str, list[Scope]], now: float, lease: float) -> None:
-        for rid, scopes in scopes_by_rid.items():
-            for scope in scopes:
-                state = self.scopes.get(scope.key)
-                if state is not None and rid in state.leases:
-                    state.leases[rid] = now + lease
+        with self._lock:
+            for rid, scopes in scopes_by_rid.items():
+                for scope in scopes:
+                    state = self.scopes.get(scope.key)
+                    if state is not None and rid in state.leases:
+                        state.leases[rid] = now + lease
+
+    async def peek(self, scopes: list[Scope], now: float, day: Day) -> list[ScopeReading]:
+        return self.peek_sync(scopes, now, day)
+
+    def peek_sync(self, scopes: list[Scope], now: float, day: Day) -> list[ScopeReading]:
+        """`peek` for synchronous callers (a Django view in a worker thread)."""
+        with self._lock:
+            return [_peek(scope, self.scopes.get(scope.key), now, day) for scope in scopes]
 
 
 def _adjust(log: TokenLog, rid: str, delta: int, now: float) -> None:
@@ -181,6 +212,70 @@ def _release(state: ScopeState, rid: str) -> None:
         _adjust(log, rid, -reserved, 0.0)
     if reserved_day == state.day_name:
         state.day_total = max(state.day_total - reserved, 0)
+
+
+def _peek(scope: Scope, state: ScopeState | None, now: float, day: Day) -> ScopeReading:
+    """What `_state` then `_window_state` would report at `now`, with nothing changed: the day
+    rollover, the release of expired leases and the trimming are worked out on the side. Peeking
+    writes nothing, so a reader whose clock runs ahead of the gateways' (another process) can
+    never release a lease or drop an entry they still count."""
+    if state is None:
+        return scope_reading(scope, (0, 0, 0, 0), (0.0, 0.0, 0.0, 0.0), 0, 0.0)
+    day_total = state.day_total if state.day_name == day.name else 0
+    minute, hour = _LogView(state.minute), _LogView(state.hour)
+    in_flight = 0
+    for rid, until in state.leases.items():  # `_release`, in the same order
+        if until > now:
+            in_flight += 1
+            continue
+        reserved, reserved_day = state.reservations.get(rid, (0, ""))
+        minute.release(rid, reserved)
+        hour.release(rid, reserved)
+        if reserved_day == day.name:
+            day_total = max(day_total - reserved, 0)
+    requests_used, requests_reset = _LogView(state.requests).trimmed(now)
+    minute_used, minute_reset = minute.trimmed(now)
+    hour_used, hour_reset = hour.trimmed(now)
+    cooldown = state.cooldown_until - now if state.cooldown_until > now else 0.0
+    return scope_reading(
+        scope,
+        (requests_used, minute_used, hour_used, day_total),
+        (requests_reset, minute_reset, hour_reset, day.ends_in if day_total else 0.0),
+        in_flight,
+        cooldown,
+    )
+
+
+class _LogView:
+    """A token log as `_release` and `trim` would leave it, worked out without changing it."""
+
+    def __init__(self, log: TokenLog) -> None:
+        self.log = log
+        self.total = log.total
+        self.amounts: dict[str, int] = {}  # entries whose amount a release would change
+
+    def release(self, rid: str, reserved: int) -> None:
+        # `_adjust(log, rid, -reserved, …)`: a negative change never adds an entry.
+        entry = self.log.entries.get(rid)
+        if entry is not None:
+            amount = self.amounts.get(rid, int(entry[1]))
+            change = max(-reserved, -amount)
+            self.amounts[rid] = amount + change
+            self.total = max(self.total + change, 0)
+
+    def trimmed(self, now: float) -> tuple[int, float]:
+        """`trim(now)`, then (total, `reset_in(now)`)."""
+        total, kept = self.total, False
+        for entry_id, (when, amount) in self.log.entries.items():
+            if when > now - self.log.window:
+                kept = True
+                break
+            total -= self.amounts.get(entry_id, int(amount))
+        total = max(total, 0)
+        if not kept:
+            return total, 0.0
+        newest = next(reversed(self.log.entries.values()))[0]
+        return total, newest + self.log.window - now
 
 
 def _check(scope: Scope, state: ScopeState, tokens: int, now: float, day: Day) -> Decision | None:
@@ -214,19 +309,15 @@ def _window_state(scope: Scope, state: ScopeState, now: float, day: Day) -> Wind
     limits = scope.limits
     return WindowState(
         limit_requests=limits.requests_per_minute,
-        remaining_requests=_remaining(limits.requests_per_minute, state.requests.total),
+        remaining_requests=remaining(limits.requests_per_minute, state.requests.total),
         reset_requests=state.requests.reset_in(now),
         limit_tokens=limits.tokens_per_minute,
-        remaining_tokens=_remaining(limits.tokens_per_minute, state.minute.total),
+        remaining_tokens=remaining(limits.tokens_per_minute, state.minute.total),
         reset_tokens=state.minute.reset_in(now),
         limit_tokens_hour=limits.tokens_per_hour,
-        remaining_tokens_hour=_remaining(limits.tokens_per_hour, state.hour.total),
+        remaining_tokens_hour=remaining(limits.tokens_per_hour, state.hour.total),
         reset_tokens_hour=state.hour.reset_in(now),
         limit_tokens_day=limits.tokens_per_day,
-        remaining_tokens_day=_remaining(limits.tokens_per_day, state.day_total),
+        remaining_tokens_day=remaining(limits.tokens_per_day, state.day_total),
         reset_tokens_day=day.ends_in if state.day_total else 0.0,
     )
-
-
-def _remaining(limit: int, used: int) -> int:
-    return max(limit - used, 0) if limit else 0

@@ -9,6 +9,11 @@ into 503s. The pool is bounded and blocking: a burst beyond it waits for a free 
 within the reply deadline (redis-py's default pool raised MaxConnectionsError instead).
 A connection broken by a Redis restart is replaced on its first use, so recovery needs no
 restart.
+
+`RedisReader` is the synchronous twin for peeking from Django views: redis.asyncio connections
+belong to the event loop that opened them, and a view runs in a worker thread (or under the test
+client, with a new loop per call), so it cannot borrow the gateway's pool. It runs the same
+script's read-only `peek` op with the same keys, timeouts and retry.
 """
 
 from __future__ import annotations
@@ -17,12 +22,24 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
+import redis.retry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, RedisError
 
-from tokenlimit.limiter import Day, Decision, LimiterUnavailable, Scope, WindowState, merge_states
+from tokenlimit.limiter import (
+    Day,
+    Decision,
+    LimiterUnavailable,
+    Scope,
+    ScopeReading,
+    WindowState,
+    merge_states,
+    remaining,
+    scope_reading,
+)
 
 LUA = (Path(__file__).with_name("limiter.lua")).read_text()
 KEY_NAMES = ("r", "m", "h", "a", "d", "p", "c")
@@ -45,6 +62,24 @@ def scope_args(scope: Scope) -> list[int]:
         limits.max_parallel_requests,
         limits.cooldown_minutes * 60,
     ]
+
+
+def script_call(
+    scopes: list[Scope],
+    op: str,
+    rid: str,
+    tokens: int,
+    now: float,
+    lease: float,
+    day: Day,
+    prefix: str,
+) -> tuple[list[str], list[Any]]:
+    """limiter.lua's KEYS and ARGV for one operation."""
+    keys = [k for scope in scopes for k in scope_keys(scope, day, prefix)]
+    args: list[Any] = [op, repr(now), rid, tokens, repr(lease), day.name, repr(day.ends_in)]
+    args.append(len(scopes))
+    args.extend(a for scope in scopes for a in scope_args(scope))
+    return keys, args
 
 
 class RedisBackend:
@@ -83,10 +118,7 @@ class RedisBackend:
         lease: float,
         day: Day,
     ) -> Any:
-        keys = [k for scope in scopes for k in scope_keys(scope, day, self.prefix)]
-        args: list[Any] = [op, repr(now), rid, tokens, repr(lease), day.name, repr(day.ends_in)]
-        args.append(len(scopes))
-        args.extend(a for scope in scopes for a in scope_args(scope))
+        keys, args = script_call(scopes, op, rid, tokens, now, lease, day, self.prefix)
         try:
             return await asyncio.wait_for(self.script(keys=keys, args=args), self.deadline)
         except (RedisError, OSError, TimeoutError) as exc:
@@ -122,9 +154,64 @@ class RedisBackend:
         for group, rids in groups.items():
             await self._run(list(group), "renew", " ".join(rids), 0, now, lease, day)
 
+    async def peek(self, scopes: list[Scope], now: float, day: Day) -> list[ScopeReading]:
+        return readings(scopes, await self._run(scopes, "peek", "", 0, now, 0.0, day))
+
     async def close(self) -> None:
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+
+
+class RedisReader:
+    """Synchronous, thread-safe peeks (module docstring); one per process is enough."""
+
+    def __init__(
+        self, url: str, connect_timeout: float, *, reply_timeout: float, pool_size: int
+    ) -> None:
+        # Each step has its own bound here (no event loop to put one deadline around the call):
+        # a free connection within the reply timeout, connecting within the connect timeout,
+        # the reply within the reply timeout; a refused connection fails at once.
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=reply_timeout,
+            socket_timeout=reply_timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=redis.retry.Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
+        )
+        self.client = redis.Redis(connection_pool=pool)
+        self.script = self.client.register_script(LUA)
+
+    def peek(self, scopes: list[Scope], now: float, day: Day, prefix: str) -> list[ScopeReading]:
+        keys, args = script_call(scopes, "peek", "", 0, now, 0.0, day, prefix)
+        try:
+            raw = self.script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise LimiterUnavailable(f"{exc.__class__.__name__}: {exc}") from exc
+        return readings(scopes, raw)
+
+    def close(self) -> None:
+        self.client.close()
+        self.client.connection_pool.disconnect()
+
+
+def readings(scopes: list[Scope], raw: list[Any]) -> list[ScopeReading]:
+    """The `peek` op's reply: ten values per scope."""
+    out = []
+    for i, scope in enumerate(scopes):
+        requests, reset_r, used_m, reset_m, used_h, reset_h, used_d, reset_d, running, cooldown = (
+            raw[i * 10 : i * 10 + 10]
+        )
+        out.append(
+            scope_reading(
+                scope,
+                (int(requests), int(used_m), int(used_h), int(used_d)),
+                (float(reset_r), float(reset_m), float(reset_h), float(reset_d)),
+                int(running),
+                float(cooldown),
+            )
+        )
+    return out
 
 
 def _text(value: Any) -> str:
@@ -134,21 +221,17 @@ def _text(value: Any) -> str:
 def _state(scope: Scope, values: list[Any]) -> WindowState:
     limits = scope.limits
     requests, reset_r, used_m, reset_m, used_h, reset_h, used_d, reset_d = values
-
-    def remaining(limit: int, used: Any) -> int:
-        return max(limit - int(used), 0) if limit else 0
-
     return WindowState(
         limit_requests=limits.requests_per_minute,
-        remaining_requests=remaining(limits.requests_per_minute, requests),
+        remaining_requests=remaining(limits.requests_per_minute, int(requests)),
         reset_requests=float(reset_r),
         limit_tokens=limits.tokens_per_minute,
-        remaining_tokens=remaining(limits.tokens_per_minute, used_m),
+        remaining_tokens=remaining(limits.tokens_per_minute, int(used_m)),
         reset_tokens=float(reset_m),
         limit_tokens_hour=limits.tokens_per_hour,
-        remaining_tokens_hour=remaining(limits.tokens_per_hour, used_h),
+        remaining_tokens_hour=remaining(limits.tokens_per_hour, int(used_h)),
         reset_tokens_hour=float(reset_h),
         limit_tokens_day=limits.tokens_per_day,
-        remaining_tokens_day=remaining(limits.tokens_per_day, used_d),
+        remaining_tokens_day=remaining(limits.tokens_per_day, int(used_d)),
         reset_tokens_day=float(reset_d),
     )

@@ -7,6 +7,8 @@ are exact and nothing sleeps.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -27,7 +29,10 @@ from tokenlimit.limiter import (
     Decision,
     Limits,
     Scope,
+    ScopeReading,
+    WindowState,
     format_duration,
+    merge_states,
 )
 from tokenlimit.limiter_memory import MemoryBackend
 
@@ -85,6 +90,21 @@ class Harness:
 
     def renew(self, rid: str, at: float, lease: float = LEASE) -> None:
         self.loop.run_until_complete(self.backend.renew({rid: self.scopes}, at, lease))
+
+    def peek(self, at: float) -> list[ScopeReading]:
+        return self.loop.run_until_complete(self.backend.peek(self.scopes, at, Day.at(at, SEOUL)))
+
+    def looked_at(self, at: float) -> WindowState:
+        """What admission reports at `at` for a request it refuses without starting a cooldown
+        (too large for a window: nothing but the expiry of old state happens)."""
+        refused = self.admit(2**40, at).decision
+        assert refused.kind in (TOO_LARGE, COOLDOWN), refused.kind
+        return refused.state
+
+
+def merged(readings: list[ScopeReading]) -> WindowState:
+    # merge_states changes its first argument: never a reading's own state.
+    return merge_states([dataclasses.replace(reading.state) for reading in readings])
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
@@ -259,6 +279,177 @@ def test_headers_state_reports_resets(make) -> None:
     assert state.remaining_tokens == 800 and state.reset_tokens == pytest.approx(60.0)
     assert state.remaining_tokens_day == 4800
     assert state.reset_tokens_day == pytest.approx(Day.at(T0 + 6, SEOUL).ends_in)
+
+
+def test_peek_of_an_empty_scope(make) -> None:
+    shape = limits(
+        requests_per_minute=10, tokens_per_minute=1000, tokens_per_hour=5000,
+        tokens_per_day=20_000, cooldown_minutes=1, max_parallel_requests=3,
+    )  # fmt: skip
+    h = make(shape)
+    assert h.peek(T0) == [
+        ScopeReading(
+            key=h.scopes[0].key,
+            state=WindowState(10, 10, 0.0, 1000, 1000, 0.0, 5000, 5000, 0.0, 20_000, 20_000, 0.0),
+            used_requests=0,
+            used_tokens=0,
+            used_tokens_hour=0,
+            used_tokens_day=0,
+            in_flight=0,
+            max_parallel=3,
+            cooldown_remaining=0.0,
+        )
+    ]
+    assert h.looked_at(T0) == h.peek(T0)[0].state
+
+
+def test_peek_after_admissions_shows_what_the_last_decision_said(make) -> None:
+    h = make(limits(requests_per_minute=10, tokens_per_minute=1000, tokens_per_day=5000))
+    h.admit(100, T0)
+    last = h.admit(200, T0 + 6)
+    [reading] = h.peek(T0 + 6)
+    assert reading.state == last.state  # remaining and resets, to the last digit
+    assert (reading.used_requests, reading.used_tokens, reading.used_tokens_day) == (2, 300, 300)
+    assert (reading.used_tokens_hour, reading.in_flight) == (0, 2)  # no hourly limit, no log
+    later = h.peek(T0 + 30)
+    assert later[0].state.reset_requests == pytest.approx(36.0)
+    assert later[0].state == h.looked_at(T0 + 30)
+    [edge] = h.peek(T0 + 60)  # the first entry leaves at exactly 60 s, as in admission
+    assert (edge.used_requests, edge.used_tokens) == (1, 200)
+    assert edge.state == h.looked_at(T0 + 60)
+    assert h.peek(T0 + 66)[0].used_tokens == 0  # both entries have left the minute window
+
+
+def test_peek_after_a_refund(make) -> None:
+    h = make(limits(tokens_per_minute=1000, tokens_per_day=10_000))
+    first = h.admit(900, T0)
+    h.settle(first.rid, 100, T0 + 2)
+    [reading] = h.peek(T0 + 3)
+    assert (reading.used_tokens, reading.state.remaining_tokens) == (100, 900)
+    assert (reading.used_tokens_day, reading.in_flight) == (100, 0)
+    assert reading.state.reset_tokens == pytest.approx(57.0)  # the refunded entry stays
+    assert reading.state == h.looked_at(T0 + 3)
+    assert h.admit(900, T0 + 3).state.remaining_tokens == 0
+
+
+def test_peek_hour_and_day_windows_across_midnight_in_seoul(make) -> None:
+    h = make(limits(tokens_per_hour=1000, tokens_per_day=2000))
+    midnight = datetime(2026, 11, 25, 0, 0, 0, tzinfo=SEOUL).timestamp()
+    first = h.admit(700, midnight - 1800)
+    h.settle(first.rid, 700, midnight - 1790)
+    second = h.admit(200, midnight - 60)
+    h.settle(second.rid, 200, midnight - 50)
+    [before] = h.peek(midnight - 30)
+    assert (before.used_tokens_hour, before.state.remaining_tokens_hour) == (900, 100)
+    assert before.state.reset_tokens_hour == pytest.approx(3570.0)  # the newest entry leaves
+    assert (before.used_tokens_day, before.state.remaining_tokens_day) == (900, 1100)
+    assert before.state.reset_tokens_day == pytest.approx(30.0)
+    assert before.state == h.looked_at(midnight - 30)
+    [after] = h.peek(midnight)  # 00:00:00 KST: a new day, the same rolling hour
+    assert (after.used_tokens_day, after.state.remaining_tokens_day) == (0, 2000)
+    assert after.state.reset_tokens_day == 0.0
+    assert after.used_tokens_hour == 900
+    assert after.state == h.looked_at(midnight)
+    assert h.peek(midnight + 1800)[0].used_tokens_hour == 200  # the 700 left the hour
+    h.admit(300, midnight + 1801)
+    [today] = h.peek(midnight + 1802)
+    assert today.used_tokens_day == 300
+    assert today.state.reset_tokens_day == pytest.approx(Day.at(midnight + 1802, SEOUL).ends_in)
+
+
+def test_peek_shows_the_cooldown_left(make) -> None:
+    h = make(limits(requests_per_minute=1, cooldown_minutes=2, tokens_per_minute=10_000))
+    assert h.admit(1, T0).admitted
+    assert h.admit(1, T0 + 10).kind == REQUESTS  # starts the cooldown, until T0 + 130
+    [reading] = h.peek(T0 + 40)
+    assert reading.cooldown_remaining == pytest.approx(90.0)
+    assert (reading.used_requests, reading.state.remaining_requests) == (1, 0)
+    assert h.peek(T0 + 100)[0].cooldown_remaining == pytest.approx(30.0)
+    assert h.peek(T0 + 100)[0].used_requests == 0
+    during = h.admit(1, T0 + 100)  # peeking neither ended nor extended it
+    assert during.kind == COOLDOWN and during.retry_after == pytest.approx(30.0)
+    assert h.peek(T0 + 130)[0].cooldown_remaining == 0.0
+    assert h.admit(1, T0 + 130).admitted
+
+
+def test_peek_counts_requests_in_flight_and_honours_lease_expiry(make) -> None:
+    h = make(limits(max_parallel_requests=2, tokens_per_minute=1000, tokens_per_day=5000))
+    lost = h.admit(300, T0, lease=30)
+    kept = h.admit(200, T0, lease=100)
+    [reading] = h.peek(T0 + 10)
+    assert (reading.in_flight, reading.max_parallel, reading.used_tokens) == (2, 2, 500)
+    [expired] = h.peek(T0 + 30)  # `lost`'s gateway died: its slot and tokens are free
+    assert (expired.in_flight, expired.used_tokens, expired.used_tokens_day) == (1, 200, 200)
+    assert expired.state == h.looked_at(T0 + 30)
+    h.settle(kept.rid, 150, T0 + 31)
+    [settled] = h.peek(T0 + 31)
+    assert (settled.in_flight, settled.used_tokens, settled.used_tokens_day) == (0, 150, 150)
+    h.settle(lost.rid, 5, T0 + 32)  # a late settlement still charges what was used
+    assert h.peek(T0 + 32)[0].used_tokens == 155
+
+
+def test_peek_does_not_release_a_lease_that_is_renewed_late(make) -> None:
+    h = make(limits(max_parallel_requests=1))
+    slow = h.admit(10, T0, lease=30)
+    assert h.peek(T0 + 31)[0].in_flight == 0  # counted as expired, as admission would...
+    h.renew(slow.rid, T0 + 31, lease=30)  # ...but only admission releases it
+    assert h.peek(T0 + 32)[0].in_flight == 1
+    assert h.admit(10, T0 + 32).kind == PARALLEL
+
+
+def test_peek_reads_the_user_and_the_key_scope(make) -> None:
+    h = make(
+        limits(tokens_per_minute=10_000, requests_per_minute=100),
+        limits(tokens_per_minute=100, max_parallel_requests=4),
+    )
+    last = h.admit(60, T0)
+    user, key = h.peek(T0)
+    assert (user.key, key.key) == (h.scopes[0].key, h.scopes[1].key)
+    assert (user.used_tokens, user.state.remaining_tokens, user.state.remaining_requests) == (
+        60,
+        9940,
+        99,
+    )
+    assert (key.used_tokens, key.state.remaining_tokens, key.used_requests) == (60, 40, 0)
+    assert (user.max_parallel, key.max_parallel, key.in_flight) == (0, 4, 1)
+    assert merged([user, key]) == last.state
+
+
+def test_peek_never_changes_a_later_decision(make) -> None:
+    """One random workload twice, peeking in between (also at times ahead of the next
+    operation, as a reader with a faster clock would) in one run only: identical decisions."""
+    shape = limits(
+        requests_per_minute=12, tokens_per_minute=2000, tokens_per_hour=9000,
+        tokens_per_day=20_000, cooldown_minutes=1, max_parallel_requests=3,
+    )  # fmt: skip
+    key_shape = limits(tokens_per_minute=1500, max_parallel_requests=2, cooldown_minutes=1)
+    peeked, plain = make(shape, key_shape), make(shape, key_shape)
+    rng = random.Random(11)
+    now = datetime(2026, 11, 24, 23, 40, 0, tzinfo=SEOUL).timestamp()  # crosses midnight
+    open_rids: list[str] = []
+    for step in range(300):
+        now += rng.choice([0.0, 0.5, 2.0, 9.0, 31.0])
+        peeked.peek(now + rng.choice([0.0, 0.0, 1.0, 45.0]))
+        roll = rng.random()
+        if open_rids and roll < 0.35:
+            rid = open_rids.pop(rng.randrange(len(open_rids)))
+            used = rng.randrange(0, 900)
+            for h in (peeked, plain):
+                h.settle(rid, used, now)
+        elif open_rids and roll < 0.45:
+            rid = rng.choice(open_rids)
+            for h in (peeked, plain):
+                h.renew(rid, now, lease=40)
+        else:
+            rid, tokens, lease = f"r{step}", rng.randrange(0, 800), rng.choice([20.0, 60.0])
+            a, b = peeked.admit(tokens, now, rid, lease), plain.admit(tokens, now, rid, lease)
+            assert dataclasses.astuple(a.decision) == dataclasses.astuple(b.decision), step
+            if a.admitted:
+                open_rids.append(rid)
+    last_a, last_b = peeked.peek(now), plain.peek(now)
+    assert [dataclasses.replace(r, key="") for r in last_a] == [
+        dataclasses.replace(r, key="") for r in last_b
+    ]
 
 
 def test_backends_agree_on_a_random_workload() -> None:
