@@ -43,7 +43,7 @@ BOM = "\ufeff"
 
 
 class MeView(APIView):
-    error_statuses = ("503",)
+    error_statuses = {"GET": ("503",)}
 
     @extend_schema(tags=CLIENT, responses=s.MeSerializer, summary="My limits and their live state")
     def get(self, request: Request) -> Response:
@@ -78,6 +78,7 @@ class UsageQuery(s.UsageQuerySerializer):
 
 class UsageView(APIView):
     filter_serializer = UsageQuery
+    error_statuses = {"GET": ("404",)}  # `key` names another user's key
 
     @extend_schema(
         tags=CLIENT,
@@ -147,6 +148,7 @@ class RequestListView(generics.ListAPIView[UsageRecord]):
     serializer_class = s.RequestSerializer
     pagination_class = NewestRequestsFirst
     filter_serializer = s.RequestQuerySerializer
+    error_statuses = {"GET": ("404",)}  # `key` names another user's key
 
     @extend_schema(
         tags=CLIENT, summary="My requests (the ledger)", parameters=[s.RequestQuerySerializer]
@@ -186,7 +188,7 @@ def filter_requests(rows: QuerySet[UsageRecord], query: dict[str, Any]) -> Query
 class KeyListView(generics.ListCreateAPIView[ApiKey]):
     serializer_class = s.KeySerializer
     pagination_class = NewestFirst
-    error_statuses = ("409",)
+    error_statuses = {"POST": ("409",)}
 
     def get_queryset(self) -> QuerySet[ApiKey]:
         return ApiKey.objects.filter(user=caller(self.request))

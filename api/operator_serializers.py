@@ -11,7 +11,13 @@ from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 from rest_framework import serializers
 
-from api.serializers import KeyCreateSerializer, KeySerializer, UsageFigures, UsageQuerySerializer
+from api.serializers import (
+    KeyCreateSerializer,
+    KeySerializer,
+    Moment,
+    UsageFigures,
+    UsageQuerySerializer,
+)
 from gateway.models import ServedModel
 from quotas.models import Plan
 from telemetry.models import SGLangSample
@@ -21,6 +27,8 @@ Serializer = serializers.Serializer[Any]
 
 class OperatorUserSerializer(serializers.ModelSerializer[User]):
     plan = serializers.SerializerMethodField()
+    # Not `format: email`: a user without an address has "".
+    email = serializers.CharField(read_only=True)
 
     class Meta:
         model = User
@@ -121,19 +129,43 @@ class PlanSerializer(serializers.ModelSerializer[Plan]):
             "max_keys_per_user",
         ]
         read_only_fields = ["id"]
+        # Explicit bounds (PostgreSQL's integer and bigint): otherwise they come from the
+        # database backend, and a SQLite install would publish a different schema.
         extra_kwargs = {
+            **{
+                field: {"max_value": 2**31 - 1}
+                for field in (
+                    "requests_per_minute",
+                    "tokens_per_minute",
+                    "cooldown_minutes",
+                    "max_parallel_requests",
+                    "max_keys_per_user",
+                )
+            },
             "tokens_per_hour": {"max_value": 2**62},
             "tokens_per_day": {"max_value": 2**62},
             "priority": {"min_value": -(2**31), "max_value": 2**31 - 1},
         }
 
+    def validate_name(self, value: str) -> str:
+        return printable(value)
+
     def validate_allowed_models(self, value: Any) -> list[str]:
-        return _names(value, "allowed_models")
+        return _names(value)
 
 
-def _names(value: Any, field: str) -> list[str]:
+def printable(value: str) -> str:
+    """A name shown in lists, logs and CSV files: no control characters or line breaks."""
+    if not value.isprintable() or value != value.strip():
+        raise serializers.ValidationError(
+            gettext("Use printable characters, without leading or trailing spaces.")
+        )
+    return value
+
+
+def _names(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(
-        isinstance(v, str) and 0 < len(v) <= 300 for v in value
+        isinstance(v, str) and 0 < len(v) <= 300 and v.isprintable() for v in value
     ):
         raise serializers.ValidationError(gettext("Enter a list of names."))
     return value
@@ -173,7 +205,7 @@ class OperatorKeyCreateSerializer(KeyCreateSerializer, KeyLimitsSerializer):
 
 class OperatorKeyUpdateSerializer(KeyLimitsSerializer):
     name = serializers.CharField(max_length=100, required=False, allow_blank=True)
-    expires_at = serializers.DateTimeField(required=False, allow_null=True)
+    expires_at = Moment(required=False, allow_null=True)
 
 
 class CreatedOperatorKeySerializer(OperatorKeySerializer):
@@ -208,8 +240,11 @@ class ServedModelSerializer(serializers.ModelSerializer[ServedModel]):
             "request_timeout_seconds": {"min_value": 0.1, "max_value": 86_400.0},
         }
 
+    def validate_name(self, value: str) -> str:
+        return printable(value)
+
     def validate_aliases(self, value: Any) -> list[str]:
-        return _names(value, "aliases")
+        return _names(value)
 
 
 class OperatorUsageQuerySerializer(UsageQuerySerializer):
@@ -219,8 +254,8 @@ class OperatorUsageQuerySerializer(UsageQuerySerializer):
 
 class TopQuerySerializer(Serializer):
     by = serializers.ChoiceField(choices=["tokens", "requests", "rate_limited"], default="tokens")
-    start = serializers.DateTimeField(required=False, help_text=_("Default: 24 hours ago."))
-    end = serializers.DateTimeField(required=False, help_text=_("Default: now."))
+    start = Moment(required=False, help_text=_("Default: 24 hours ago."))
+    end = Moment(required=False, help_text=_("Default: now."))
     limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=10)
     model = serializers.CharField(required=False, max_length=200)
 

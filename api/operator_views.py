@@ -7,6 +7,7 @@ from typing import Any
 
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import transaction
 from django.db.models import Max, QuerySet
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
@@ -96,8 +97,9 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorView
         data = parse_body(o.UserCreateSerializer, request)
         plan = data.pop("plan", None)
         try:
-            user = create_user(**acting(request), **data)
-            set_user_quota(user, plan or default_plan(), **acting(request))
+            with transaction.atomic():  # a user is never left without their plan
+                user = create_user(**acting(request), **data)
+                set_user_quota(user, plan or default_plan(), **acting(request))
         except (DjangoValidationError, ValueError) as exc:
             raise invalid(exc) from None
         return Response(
@@ -151,7 +153,7 @@ class QuotaView(APIView):
     create=extend_schema(tags=OPERATOR, summary="Create a plan"),
     partial_update=extend_schema(tags=OPERATOR, summary="Change a plan"),
     destroy=extend_schema(
-        tags=OPERATOR, summary="Delete a plan nobody is on", responses={204: None, 409: None}
+        tags=OPERATOR, summary="Delete a plan nobody is on", responses={204: None}
     ),
 )
 class PlanViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorViewSet):
@@ -159,7 +161,7 @@ class PlanViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorView
     pagination_class = ByName
     queryset = Plan.objects.all()
     http_method_names = ["get", "post", "patch", "delete"]
-    error_statuses = ("409",)
+    error_statuses = {"DELETE": ("409",)}
 
     def create(self, request: Request) -> Response:
         data = parse_body(o.PlanSerializer, request)
@@ -221,9 +223,10 @@ class KeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorViewS
         data = parse_body(o.OperatorKeyCreateSerializer, request)
         user = data.pop("user")
         name, expires_at = data.pop("name"), data.pop("expires_at")
-        key, raw = create_api_key(user, name=name, expires_at=expires_at, **acting(request))
-        if any(value is not None for value in data.values()):
-            update_api_key(key, name=name, expires_at=expires_at, **acting(request), **data)
+        with transaction.atomic():  # a key is never live without the limits it was made with
+            key, raw = create_api_key(user, name=name, expires_at=expires_at, **acting(request))
+            if any(value is not None for value in data.values()):
+                update_api_key(key, name=name, expires_at=expires_at, **acting(request), **data)
         return Response({**o.OperatorKeySerializer(key).data, "key": raw}, status=201)
 
     def partial_update(self, request: Request, pk: str) -> Response:

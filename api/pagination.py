@@ -3,7 +3,12 @@ pages through it) and without a COUNT(*) over a million rows."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.utils.translation import gettext
+from rest_framework import exceptions
 from rest_framework.pagination import CursorPagination
+from rest_framework.request import Request
 
 
 class NewestFirst(CursorPagination):
@@ -11,6 +16,14 @@ class NewestFirst(CursorPagination):
     page_size = 50
     page_size_query_param = "limit"
     max_page_size = 500
+
+    def decode_cursor(self, request: Request) -> Any:
+        # DRF answers a cursor it cannot read with 404; it is a bad parameter (400), and a 404
+        # on a list would read as "this list does not exist".
+        try:
+            return super().decode_cursor(request)
+        except exceptions.NotFound:
+            raise exceptions.ValidationError({"cursor": [gettext("Invalid cursor.")]}) from None
 
 
 class NewestRequestsFirst(NewestFirst):

@@ -40,6 +40,16 @@ COMMON_ERRORS = ("401", "403", "429", "500")
 
 
 class ApiAutoSchema(AutoSchema):
+    """Error responses on every operation; views add their own per method:
+    `error_statuses = {"POST": ("409",)}`."""
+
+    def get_auth(self) -> list[Any]:
+        # Both bearer classes run on every view (so that the wrong kind of credential gets a
+        # clear 403), but only one of them is a way in: client keys for client operations,
+        # operator tokens for operator ones.
+        refused = "apiKey" if "/operator/" in self.path else "operatorToken"
+        return [auth for auth in super().get_auth() if refused not in auth]
+
     def _get_response_bodies(self, direction: Any = "response") -> dict[str, Any]:
         responses: dict[str, Any] = super()._get_response_bodies(direction)
         statuses = list(COMMON_ERRORS)
@@ -47,7 +57,7 @@ class ApiAutoSchema(AutoSchema):
             statuses.append("400")
         if "{" in self.path:
             statuses.append("404")
-        statuses.extend(getattr(self.view, "error_statuses", ()))
+        statuses.extend(getattr(self.view, "error_statuses", {}).get(self.method, ()))
         for status in statuses:
             responses.setdefault(
                 status,
@@ -58,4 +68,5 @@ class ApiAutoSchema(AutoSchema):
         return responses
 
     def _has_query_parameters(self) -> bool:
-        return bool(getattr(self.view, "filter_serializer", None)) or self._is_list_view()
+        paginated = self._is_list_view() and getattr(self.view, "pagination_class", None)
+        return bool(getattr(self.view, "filter_serializer", None) or paginated)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.utils import timezone
@@ -14,6 +14,21 @@ from accounts.models import ApiKey
 from quotas.models import UsageRecord
 
 Serializer = serializers.Serializer[Any]
+
+# Times a client may send: far enough either way for any real query or expiry; outside, a
+# datetime would not even render as RFC 3339 (Seoul's pre-1908 local mean time is +08:27:52).
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2999, 12, 31, tzinfo=UTC)
+
+
+class Moment(serializers.DateTimeField):
+    """An ISO 8601 date-time between 1970 and 2999; naive ones are read in Asia/Seoul."""
+
+    def to_internal_value(self, value: Any) -> datetime:
+        moment = super().to_internal_value(value)
+        if not EARLIEST <= moment <= LATEST:
+            raise serializers.ValidationError(gettext("Enter a time between 1970 and 2999."))
+        return moment
 
 
 # --- Limits and their live windows (/me) ---------------------------------------------------------
@@ -99,10 +114,10 @@ PERIOD_CHOICES = ["minute", "hour", "day"]
 
 class UsageQuerySerializer(Serializer):
     period = serializers.ChoiceField(choices=PERIOD_CHOICES, default="hour")
-    start = serializers.DateTimeField(
+    start = Moment(
         required=False, help_text=_("Default: 24 buckets back (minute, hour) or 30 days (day).")
     )
-    end = serializers.DateTimeField(required=False, help_text=_("Default: now."))
+    end = Moment(required=False, help_text=_("Default: now."))
     model = serializers.CharField(required=False, max_length=200)
     key = serializers.IntegerField(required=False, min_value=1, help_text=_("An API key id."))
 
@@ -170,8 +185,8 @@ class RequestQuerySerializer(Serializer):
     status_code = serializers.IntegerField(required=False, min_value=100, max_value=599)
     model = serializers.CharField(required=False, max_length=200)
     key = serializers.IntegerField(required=False, min_value=1)
-    since = serializers.DateTimeField(required=False)
-    until = serializers.DateTimeField(required=False)
+    since = Moment(required=False)
+    until = Moment(required=False)
 
 
 class RequestSerializer(serializers.ModelSerializer[UsageRecord]):
@@ -182,6 +197,11 @@ class RequestSerializer(serializers.ModelSerializer[UsageRecord]):
         help_text=_("For a 429: the limit that refused it (requests, tokens, tokens_per_day, …).")
     )
     latency_ms = serializers.SerializerMethodField()
+    # Declared rather than derived from the model, whose bounds depend on the database backend.
+    status_code = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    cached_tokens = serializers.IntegerField()
 
     class Meta:
         model = UsageRecord
@@ -256,7 +276,7 @@ def key_state(key: ApiKey) -> str:
 
 class KeyCreateSerializer(Serializer):
     name = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
-    expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
+    expires_at = Moment(required=False, allow_null=True, default=None)
 
     def validate_expires_at(self, value: Any) -> Any:
         if value is not None and value <= timezone.now():

@@ -36,7 +36,11 @@ urlpatterns = [
     path("operator/upstreams", operator_views.UpstreamView.as_view(), name="operator-upstreams"),
     path("schema", SpectacularAPIView.as_view(**docs), name="api-schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="api-schema", **docs), name="api-docs"),
-    path("redoc", SpectacularRedocView.as_view(url_name="api-schema", **docs), name="api-redoc"),
+    path(
+        "redoc",
+        SpectacularRedocView.as_view(url_name="api-schema", template_name="api/redoc.html", **docs),
+        name="api-redoc",
+    ),
     # Anything else under /api/v1/ is a JSON 404, never Django's HTML page.
     re_path(r"^.*$", client_views.NotFoundView.as_view(), name="api-not-found"),
 ]

@@ -117,6 +117,14 @@ def database_from_url(url: str) -> dict[str, Any]:
         }
     if parts.scheme in ("postgres", "postgresql", "pgsql"):
         options: dict[str, Any] = dict(parse_qsl(parts.query))
+        pool = env_bool("DATABASE_POOL", True)
+        if pool:
+            # Per process; a request holds a connection only while it runs its queries.
+            options["pool"] = {
+                "min_size": env_int("DATABASE_POOL_MIN_SIZE", 1),
+                "max_size": env_int("DATABASE_POOL_MAX_SIZE", 20, minimum=1),
+                "timeout": env_float("DATABASE_POOL_TIMEOUT", 10.0, minimum=0.1),
+            }
         return {
             "ENGINE": "django.db.backends.postgresql",
             "NAME": unquote(parts.path.lstrip("/")) or "postgres",
@@ -124,8 +132,10 @@ def database_from_url(url: str) -> dict[str, Any]:
             "PASSWORD": unquote(parts.password or ""),
             "HOST": parts.hostname or "",
             "PORT": str(parts.port or ""),
-            "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 60),
-            "CONN_HEALTH_CHECKS": True,
+            # Django's ASGI handler runs every request in a new thread, and connections belong
+            # to a thread: persistent connections are never reused there, the pool is.
+            "CONN_MAX_AGE": 0 if pool else env_int("DATABASE_CONN_MAX_AGE", 60),
+            "CONN_HEALTH_CHECKS": not pool,
             "OPTIONS": options,
         }
     raise ImproperlyConfigured(f"DATABASE_URL scheme {parts.scheme!r} is not sqlite or postgres")

@@ -378,6 +378,15 @@ def update_plan(
     _check_plan_fields(fields)
     with transaction.atomic():
         current = Plan.objects.select_for_update().get(pk=plan.pk)
+        if current.name == DEFAULT_PLAN_NAME and fields.get("name", current.name) != current.name:
+            # default_plan() finds it by name: renamed, a fresh one would appear in its place.
+            raise ValidationError(
+                {
+                    "name": gettext(
+                        "The default plan keeps its name: users without a plan are on it."
+                    )
+                }
+            )
         edited, details = validated_changes(current, fields)
         if not details:
             return False

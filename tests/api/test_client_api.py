@@ -51,6 +51,14 @@ def test_every_client_endpoint_needs_a_credential(client: Any) -> None:
         assert response.json()["error"]["type"] == "authentication_error"
 
 
+@pytest.mark.parametrize("how", ["key", "session"])
+def test_every_client_endpoint_answers_by_key_and_by_session(alice: Person, how: str) -> None:
+    client = alice.client() if how == "key" else alice.session()
+    for path in ("me", "usage", "usage?format=csv", "requests", "keys", f"keys/{alice.key.pk}",
+                 "models"):  # fmt: skip
+        assert client.get(f"/api/v1/{path}").status_code == 200, path
+
+
 def test_unknown_revoked_expired_and_malformed_keys_are_refused(alice: Person, client: Any) -> None:
     cases = ["Bearer sk-nope", "Bearer", "Bearer a b", "Bearer " + "x" * 300, "Bearer 키"]
     for header in cases:

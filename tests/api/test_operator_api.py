@@ -240,3 +240,36 @@ def test_operator_lists_cost_constant_queries(
     for path in ("users", "plans", "keys", "models", "upstreams"):
         with django_assert_num_queries(3):
             assert client.get(f"/api/v1/operator/{path}").status_code == 200, path
+
+
+def test_an_operator_cannot_lock_themselves_out(operator: Person) -> None:
+    client = operator_token(operator)
+    for change in ({"is_staff": False}, {"is_active": False}):
+        response = client.patch(f"/api/v1/operator/users/{operator.user.pk}", change, format="json")
+        assert response.status_code == 400, change
+    operator.user.refresh_from_db()
+    assert operator.user.is_staff and operator.user.is_active
+
+
+def test_the_default_plan_keeps_its_name(operator: Person) -> None:
+    from quotas.services import default_plan
+
+    plan = default_plan()
+    response = operator_token(operator).patch(
+        f"/api/v1/operator/plans/{plan.pk}", {"name": "renamed"}, format="json"
+    )
+    assert response.status_code == 400
+    assert "name" in response.json()["error"]["fields"]
+
+
+def test_names_and_times_from_outside_are_checked(operator: Person, alice: Person) -> None:
+    client = operator_token(operator)
+    for name in ("bad\nname", "tab\there", "nul\x00"):
+        assert (
+            client.post("/api/v1/operator/plans", {"name": name}, format="json").status_code == 400
+        )
+    ancient = {"expires_at": "1900-01-01T00:00:00Z"}
+    response = client.patch(f"/api/v1/operator/keys/{alice.key.pk}", ancient, format="json")
+    assert response.status_code == 400
+    assert alice.client().get("/api/v1/usage?start=1900-01-01T00:00:00Z").status_code == 400
+    assert client.get("/api/v1/operator/keys?cursor=garbage").status_code == 400

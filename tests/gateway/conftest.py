@@ -48,6 +48,19 @@ class World:
     def db(self) -> Any:
         return self.db_blocker.unblock()
 
+    def billed_tokens(self, user_id: int, timeout: float = 10.0, **filters: Any) -> int:
+        """The tokens billed by the user's ledger row matching `filters`, once it is there."""
+        from quotas.models import UsageRecord
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.db():
+                row = UsageRecord.objects.filter(user_id=user_id, **filters).first()
+            if row is not None:
+                return row.prompt_tokens + row.completion_tokens
+            time.sleep(0.1)
+        raise AssertionError(f"no ledger row for user {user_id} after {timeout}s")
+
     def ledger_row(self, request_id: str, timeout: float = 10.0) -> Any:
         from quotas.models import UsageRecord
 

@@ -119,6 +119,7 @@ def test_open_requests_of_a_killed_writer_are_closed_as_interrupted(
     ]
 
 
+@pytest.mark.django_db  # the adopted request's row is written when the adopter closes
 def test_a_reused_pid_does_not_hide_a_dead_writer(adopter: LedgerWriter, tmp_path: Path) -> None:
     """In a container every gateway is PID 1: a dead writer's PID is often a live process's.
     Its lock decides, not its PID."""

@@ -658,3 +658,50 @@ def test_the_gateways_count_equals_the_upstreams_prompt_tokens(world: World, ext
         == response.json()["usage"]["prompt_tokens"]
         == row.prompt_tokens
     )
+
+
+def test_api_me_gives_the_numbers_of_the_ratelimit_headers(world: World) -> None:
+    """The REST API's /me reads the same limiter as the gateway, in the running server: while a
+    stream runs, its windows are exactly what the stream's x-ratelimit-* headers said, and once
+    it is settled, what the upstream billed."""
+    from tests.gateway.conftest import make_user
+
+    with world.db():
+        user, key = make_user(f"me-{os.getpid()}-{time.monotonic_ns()}")
+    api = httpx.Client(
+        base_url=f"{world.url}/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=10
+    )
+    body = {"model": "slow-qwen", "messages": KOREAN_CHAT, "max_tokens": 40, "stream": True}
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.stream("POST", f"{world.v1}/chat/completions", json=body, headers=headers,
+                      timeout=30) as stream:  # fmt: skip
+        assert stream.status_code == 200
+        during = {w["window"]: w for w in api.get("/me").json()["scopes"][0]["windows"]}
+        in_flight = api.get("/me").json()["scopes"][0]["in_flight"]
+        for name, header in (
+            ("requests_per_minute", "requests"),
+            ("tokens_per_minute", "tokens"),
+            ("tokens_per_hour", "tokens-hour"),
+            ("tokens_per_day", "tokens-day"),
+        ):
+            assert during[name]["remaining"] == int(
+                stream.headers[f"x-ratelimit-remaining-{header}"]
+            ), name
+            assert during[name]["limit"] == int(stream.headers[f"x-ratelimit-limit-{header}"])
+        assert in_flight == 1
+        stream.read()
+    billed = sdk(world, key).chat.completions.create(
+        model="korean-qwen", messages=KOREAN_CHAT, max_tokens=5
+    )
+    deadline = time.monotonic() + 10
+    while True:  # the stream's settlement happens as it ends; poll, never sleep-and-assert
+        scope = api.get("/me").json()["scopes"][0]
+        if scope["in_flight"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    windows = {w["window"]: w for w in scope["windows"]}
+    assert scope["in_flight"] == 0
+    assert windows["requests_per_minute"]["used"] == 2
+    streamed = world.billed_tokens(user.pk, streamed=True)
+    assert billed.usage is not None
+    assert windows["tokens_per_day"]["used"] == streamed + billed.usage.total_tokens
