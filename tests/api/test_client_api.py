@@ -455,3 +455,18 @@ def test_models_follow_the_plan(alice: Person, bob: Person) -> None:
     assert mine[0]["context_length"] == 32768
     everything = bob.client().get("/api/v1/models").json()
     assert [m["name"] for m in everything] == ["Qwen/Qwen2.5-7B-Instruct", "solar"]
+
+
+@pytest.mark.parametrize("models", [1, 12])
+def test_model_list_query_count_is_constant(
+    alice: Person, models: int, django_assert_num_queries: Any
+) -> None:
+    from gateway.models import ServedModel
+
+    for i in range(models):
+        ServedModel.objects.create(name=f"model-{i}", aliases=[f"alias-{i}"])
+    client = alice.client()
+    client.get("/api/v1/models")  # the default plan exists from here on
+    # Key + user; quota + plan; the models.
+    with django_assert_num_queries(3):
+        assert len(client.get("/api/v1/models").json()) == models
