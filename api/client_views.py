@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
@@ -24,7 +25,7 @@ from rest_framework.views import APIView
 
 from accounts.models import ApiKey
 from api import serializers as s
-from api.errors import ServiceUnavailable
+from api.errors import Conflict, ServiceUnavailable, invalid
 from api.me import me_payload
 from api.pagination import NewestFirst, NewestRequestsFirst
 from gateway.models import ServedModel
@@ -210,17 +211,18 @@ class KeyListView(generics.ListCreateAPIView[ApiKey]):
             key, raw = create_own_api_key(caller(request), **data.validated_data)
         except KeyPolicyError as exc:
             raise policy_refusal(exc) from None
+        except DjangoValidationError as exc:  # e.g. the expiry passed since it was checked
+            raise invalid(exc) from None
         # The raw key goes out in this response only: it is not stored anywhere to show again.
         return Response({**s.KeySerializer(key).data, "key": raw}, status=201)
 
 
 def policy_refusal(exc: KeyPolicyError) -> exceptions.APIException:
-    code = getattr(exc, "code", "key_policy")
-    if code == "key_limit_reached":
-        from api.errors import Conflict
-
-        return Conflict(str(exc), code)
-    return exceptions.PermissionDenied(str(exc), code)
+    """Too many keys is a conflict with what the user holds (409); self-service switched off by
+    the plan, or a deactivated account, is a refusal (403)."""
+    if exc.code == KeyPolicyError.TOO_MANY_KEYS:
+        return Conflict(str(exc), exc.code)
+    return exceptions.PermissionDenied(str(exc), exc.code)
 
 
 class KeyDetailView(generics.RetrieveAPIView[ApiKey]):

@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
@@ -84,6 +85,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         status=status,
         headers=headers,
     )
+
+
+def invalid(exc: DjangoValidationError | ValueError) -> exceptions.ValidationError:
+    """A service's refusal (Django's ValidationError by field, or a ValueError) as a 400."""
+    if isinstance(exc, DjangoValidationError) and hasattr(exc, "error_dict"):
+        return exceptions.ValidationError(exc.message_dict)
+    messages = exc.messages if isinstance(exc, DjangoValidationError) else [str(exc)]
+    return exceptions.ValidationError({"non_field_errors": messages})
 
 
 def error_payload(

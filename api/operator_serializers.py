@@ -17,6 +17,7 @@ from api.serializers import (
     Moment,
     UsageFigures,
     UsageQuerySerializer,
+    printable,
 )
 from gateway.models import ServedModel
 from quotas.models import Plan
@@ -154,15 +155,6 @@ class PlanSerializer(serializers.ModelSerializer[Plan]):
         return _names(value)
 
 
-def printable(value: str) -> str:
-    """A name shown in lists, logs and CSV files: no control characters or line breaks."""
-    if not value.isprintable() or value != value.strip():
-        raise serializers.ValidationError(
-            gettext("Use printable characters, without leading or trailing spaces.")
-        )
-    return value
-
-
 def _names(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(
         isinstance(v, str) and 0 < len(v) <= 300 and v.isprintable() for v in value
@@ -205,6 +197,10 @@ class OperatorKeyCreateSerializer(KeyCreateSerializer, KeyLimitsSerializer):
 
 class OperatorKeyUpdateSerializer(KeyLimitsSerializer):
     name = serializers.CharField(max_length=100, required=False, allow_blank=True)
+
+    def validate_name(self, value: str) -> str:
+        return printable(value)
+
     expires_at = Moment(required=False, allow_null=True)
 
 

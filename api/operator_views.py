@@ -30,7 +30,7 @@ from accounts.services import (
 from api import operator_serializers as o
 from api.authentication import OperatorCredential
 from api.client_views import parse_query, usage_response
-from api.errors import Conflict
+from api.errors import Conflict, invalid
 from api.pagination import ById, ByName, NewestFirst
 from api.permissions import IsOperator
 from api.serializers import UsageSerializer
@@ -57,13 +57,6 @@ def acting(request: Request) -> dict[str, Any]:
     if isinstance(request.auth, OperatorCredential):
         label = f"{request.user.get_username()} (token {request.auth.token.prefix}…)"[:150]
     return {"actor": request.user, "actor_label": label}
-
-
-def invalid(exc: DjangoValidationError | ValueError) -> exceptions.ValidationError:
-    if isinstance(exc, DjangoValidationError) and hasattr(exc, "error_dict"):
-        return exceptions.ValidationError(exc.message_dict)
-    messages = exc.messages if isinstance(exc, DjangoValidationError) else [str(exc)]
-    return exceptions.ValidationError({"non_field_errors": messages})
 
 
 class OperatorViewSet(viewsets.GenericViewSet):

@@ -21,6 +21,15 @@ EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2999, 12, 31, tzinfo=UTC)
 
 
+def printable(value: str) -> str:
+    """A name shown in lists, logs and CSV files: no control characters or line breaks."""
+    if not value.isprintable() or value != value.strip():
+        raise serializers.ValidationError(
+            gettext("Use printable characters, without leading or trailing spaces.")
+        )
+    return value
+
+
 class Moment(serializers.DateTimeField):
     """An ISO 8601 date-time between 1970 and 2999; naive ones are read in Asia/Seoul."""
 
@@ -276,6 +285,10 @@ def key_state(key: ApiKey) -> str:
 
 class KeyCreateSerializer(Serializer):
     name = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+
+    def validate_name(self, value: str) -> str:
+        return printable(value)
+
     expires_at = Moment(required=False, allow_null=True, default=None)
 
     def validate_expires_at(self, value: Any) -> Any:
