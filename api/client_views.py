@@ -16,6 +16,7 @@ from django.db.models import QuerySet
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, generics, serializers
@@ -40,13 +41,18 @@ from telemetry.usage import usage_csv_rows, usage_report
 from tokenlimit.limiter import LimiterUnavailable
 
 CLIENT = ["client"]
+CSV_RESPONSE = OpenApiResponse(
+    OpenApiTypes.STR, description=_("UTF-8 with a byte-order mark (Excel)")
+)
 BOM = "\ufeff"
 
 
 class MeView(APIView):
     error_statuses = {"GET": ("503",)}
 
-    @extend_schema(tags=CLIENT, responses=s.MeSerializer, summary="My limits and their live state")
+    @extend_schema(
+        tags=CLIENT, responses=s.MeSerializer, summary=_("My limits and their live state")
+    )
     def get(self, request: Request) -> Response:
         try:
             payload = me_payload(caller(request), request.auth)
@@ -83,11 +89,13 @@ class UsageView(APIView):
 
     @extend_schema(
         tags=CLIENT,
-        summary="My usage: totals and a series by minute, hour or day",
+        summary=_("My usage: totals and a series by minute, hour or day"),
         parameters=[UsageQuery],
         responses={
             (200, "application/json"): s.UsageSerializer,
-            (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="UTF-8 with BOM"),
+            (200, "text/csv"): OpenApiResponse(
+                OpenApiTypes.STR, description=_("UTF-8 with a byte-order mark (Excel)")
+            ),
         },
     )
     def get(self, request: Request) -> Response | HttpResponse:
@@ -152,7 +160,7 @@ class RequestListView(generics.ListAPIView[UsageRecord]):
     error_statuses = {"GET": ("404",)}  # `key` names another user's key
 
     @extend_schema(
-        tags=CLIENT, summary="My requests (the ledger)", parameters=[s.RequestQuerySerializer]
+        tags=CLIENT, summary=_("My requests (the ledger)"), parameters=[s.RequestQuerySerializer]
     )
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().get(request, *args, **kwargs)
@@ -194,13 +202,13 @@ class KeyListView(generics.ListCreateAPIView[ApiKey]):
     def get_queryset(self) -> QuerySet[ApiKey]:
         return ApiKey.objects.filter(user=caller(self.request))
 
-    @extend_schema(tags=CLIENT, summary="My API keys")
+    @extend_schema(tags=CLIENT, summary=_("My API keys"))
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().get(request, *args, **kwargs)
 
     @extend_schema(
         tags=CLIENT,
-        summary="Create an API key (the raw key is in this response only)",
+        summary=_("Create an API key (the raw key is in this response only)"),
         request=s.KeyCreateSerializer,
         responses={201: s.CreatedKeySerializer},
     )
@@ -231,14 +239,14 @@ class KeyDetailView(generics.RetrieveAPIView[ApiKey]):
     def get_queryset(self) -> QuerySet[ApiKey]:
         return ApiKey.objects.filter(user=caller(self.request))
 
-    @extend_schema(tags=CLIENT, summary="One of my API keys")
+    @extend_schema(tags=CLIENT, summary=_("One of my API keys"))
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return super().get(request, *args, **kwargs)
 
 
 class KeyRevokeView(APIView):
     @extend_schema(
-        tags=CLIENT, summary="Revoke one of my API keys", request=None, responses=s.KeySerializer
+        tags=CLIENT, summary=_("Revoke one of my API keys"), request=None, responses=s.KeySerializer
     )
     def post(self, request: Request, pk: int) -> Response:
         try:
@@ -253,7 +261,7 @@ class KeyRevokeView(APIView):
 
 class ModelListView(APIView):
     @extend_schema(
-        tags=CLIENT, summary="The models I may use", responses=s.ModelSerializer(many=True)
+        tags=CLIENT, summary=_("The models I may use"), responses=s.ModelSerializer(many=True)
     )
     def get(self, request: Request) -> Response:
         allowed = effective_limits_for(caller(request)).allowed_models

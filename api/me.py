@@ -103,7 +103,7 @@ def _scope(
                 "used": getattr(reading, used),
                 "remaining": getattr(reading.state, f"remaining_{suffix}"),
                 "reset_seconds": round(reset, 3),
-                "resets_at": timezone.localtime(now + timedelta(seconds=reset)),
+                "resets_at": _moment(now, reset),
             }
         )
     cooldown = reading.cooldown_remaining
@@ -116,7 +116,12 @@ def _scope(
         "in_flight": reading.in_flight,
         "max_parallel_requests": reading.max_parallel,
         "cooldown_remaining_seconds": round(cooldown, 3),
-        "cooldown_ends_at": timezone.localtime(now + timedelta(seconds=cooldown))
-        if cooldown > 0
-        else None,
+        "cooldown_ends_at": _moment(now, cooldown) if cooldown > 0 else None,
     }
+
+
+def _moment(now: datetime, seconds: float) -> datetime:
+    """`now` plus `seconds`, in Asia/Seoul, to the second: the daily reset reads 00:00:00, not
+    23:59:59.999998 (a window's reset is known to within the clock's float error)."""
+    moment = now + timedelta(seconds=seconds) + timedelta(microseconds=500_000)
+    return timezone.localtime(moment.replace(microsecond=0))

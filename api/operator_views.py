@@ -11,6 +11,7 @@ from django.db import transaction
 from django.db.models import Max, QuerySet
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
+from django.utils.translation import gettext_lazy as _
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, viewsets
@@ -64,17 +65,17 @@ class OperatorViewSet(viewsets.GenericViewSet):
 
 
 @extend_schema_view(
-    list=extend_schema(tags=OPERATOR, summary="Users"),
-    retrieve=extend_schema(tags=OPERATOR, summary="One user"),
+    list=extend_schema(tags=OPERATOR, summary=_("Users")),
+    retrieve=extend_schema(tags=OPERATOR, summary=_("One user")),
     create=extend_schema(
         tags=OPERATOR,
-        summary="Create a user",
+        summary=_("Create a user"),
         request=o.UserCreateSerializer,
         responses={201: o.OperatorUserSerializer},
     ),
     partial_update=extend_schema(
         tags=OPERATOR,
-        summary="Change a user (deactivate with is_active=false)",
+        summary=_("Change a user (deactivate with is_active=false)"),
         request=o.UserUpdateSerializer,
     ),
 )
@@ -119,7 +120,7 @@ class QuotaView(APIView):
     permission_classes = [IsOperator]
 
     @extend_schema(
-        tags=OPERATOR, summary="A user's plan and overrides", responses=o.QuotaSerializer
+        tags=OPERATOR, summary=_("A user's plan and overrides"), responses=o.QuotaSerializer
     )
     def get(self, request: Request, pk: int) -> Response:
         user = get_object_or_404(User, pk=pk)
@@ -129,7 +130,7 @@ class QuotaView(APIView):
         return Response(o.QuotaSerializer(quota).data)
 
     @extend_schema(
-        tags=OPERATOR, summary="Set a user's plan and overrides",
+        tags=OPERATOR, summary=_("Set a user's plan and overrides"),
         request=o.QuotaSerializer, responses=o.QuotaSerializer,
     )  # fmt: skip
     def put(self, request: Request, pk: int) -> Response:
@@ -141,12 +142,12 @@ class QuotaView(APIView):
 
 
 @extend_schema_view(
-    list=extend_schema(tags=OPERATOR, summary="Plans"),
-    retrieve=extend_schema(tags=OPERATOR, summary="One plan"),
-    create=extend_schema(tags=OPERATOR, summary="Create a plan"),
-    partial_update=extend_schema(tags=OPERATOR, summary="Change a plan"),
+    list=extend_schema(tags=OPERATOR, summary=_("Plans")),
+    retrieve=extend_schema(tags=OPERATOR, summary=_("One plan")),
+    create=extend_schema(tags=OPERATOR, summary=_("Create a plan")),
+    partial_update=extend_schema(tags=OPERATOR, summary=_("Change a plan")),
     destroy=extend_schema(
-        tags=OPERATOR, summary="Delete a plan nobody is on", responses={204: None}
+        tags=OPERATOR, summary=_("Delete a plan nobody is on"), responses={204: None}
     ),
 )
 class PlanViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorViewSet):
@@ -183,20 +184,20 @@ class PlanViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorView
 
 
 @extend_schema_view(
-    list=extend_schema(tags=OPERATOR, summary="API keys of every user"),
-    retrieve=extend_schema(tags=OPERATOR, summary="One API key"),
+    list=extend_schema(tags=OPERATOR, summary=_("API keys of every user")),
+    retrieve=extend_schema(tags=OPERATOR, summary=_("One API key")),
     create=extend_schema(
         tags=OPERATOR,
-        summary="Create a key for a user (raw key shown once)",
+        summary=_("Create a key for a user (raw key shown once)"),
         request=o.OperatorKeyCreateSerializer,
         responses={201: o.CreatedOperatorKeySerializer},
     ),
     partial_update=extend_schema(
         tags=OPERATOR,
-        summary="Change a key's name, expiry or limits",
+        summary=_("Change a key's name, expiry or limits"),
         request=o.OperatorKeyUpdateSerializer,
     ),
-    revoke=extend_schema(tags=OPERATOR, summary="Revoke a key", request=None),
+    revoke=extend_schema(tags=OPERATOR, summary=_("Revoke a key"), request=None),
 )
 class KeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorViewSet):
     serializer_class = o.OperatorKeySerializer
@@ -237,11 +238,11 @@ class KeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorViewS
 
 
 @extend_schema_view(
-    list=extend_schema(tags=OPERATOR, summary="Served models"),
-    retrieve=extend_schema(tags=OPERATOR, summary="One served model"),
-    create=extend_schema(tags=OPERATOR, summary="Add a served model"),
-    partial_update=extend_schema(tags=OPERATOR, summary="Change a served model"),
-    destroy=extend_schema(tags=OPERATOR, summary="Remove a served model"),
+    list=extend_schema(tags=OPERATOR, summary=_("Served models")),
+    retrieve=extend_schema(tags=OPERATOR, summary=_("One served model")),
+    create=extend_schema(tags=OPERATOR, summary=_("Add a served model")),
+    partial_update=extend_schema(tags=OPERATOR, summary=_("Change a served model")),
+    destroy=extend_schema(tags=OPERATOR, summary=_("Remove a served model")),
 )
 class ServedModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorViewSet):
     serializer_class = o.ServedModelSerializer
@@ -277,11 +278,13 @@ class UsageView(APIView):
 
     @extend_schema(
         tags=OPERATOR,
-        summary="Usage of every user, or one",
+        summary=_("Usage of every user, or one"),
         parameters=[o.OperatorUsageQuerySerializer],
         responses={
             (200, "application/json"): UsageSerializer,
-            (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="UTF-8 with BOM"),
+            (200, "text/csv"): OpenApiResponse(
+                OpenApiTypes.STR, description=_("UTF-8 with a byte-order mark (Excel)")
+            ),
         },
     )
     def get(self, request: Request) -> Response | HttpResponse:
@@ -294,7 +297,7 @@ class TopUsersView(APIView):
     filter_serializer = o.TopQuerySerializer
 
     @extend_schema(
-        tags=OPERATOR, summary="Top users by tokens, requests or 429s in a period",
+        tags=OPERATOR, summary=_("Top users by tokens, requests or 429s in a period"),
         parameters=[o.TopQuerySerializer], responses=o.TopUserSerializer(many=True),
     )  # fmt: skip
     def get(self, request: Request) -> Response:
@@ -310,7 +313,7 @@ class UpstreamView(APIView):
     permission_classes = [IsOperator]
 
     @extend_schema(
-        tags=OPERATOR, summary="The latest sample of every upstream (SGLang's own numbers)",
+        tags=OPERATOR, summary=_("The latest sample of every upstream (SGLang's own numbers)"),
         responses=o.SampleSerializer(many=True),
     )  # fmt: skip
     def get(self, request: Request) -> Response:

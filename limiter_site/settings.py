@@ -343,7 +343,7 @@ REST_FRAMEWORK = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Korean SGLang Token Limiter API",
-    "DESCRIPTION": (
+    "DESCRIPTION": _(
         "Usage, limits and keys for clients; users, plans, keys, models and usage for "
         "operators. The OpenAI-compatible endpoints (/v1/…) are documented by OpenAI's own "
         "reference; this is everything else. Errors: see the Error schema."

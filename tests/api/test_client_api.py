@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -110,7 +111,10 @@ def test_me_shows_plan_limits_and_empty_windows(alice: Person) -> None:
     assert windows["tokens_per_minute"]["limit"] == plan.tokens_per_minute
     assert windows["tokens_per_minute"]["used"] == 0
     assert windows["tokens_per_minute"]["remaining"] == plan.tokens_per_minute
-    assert windows["tokens_per_day"]["resets_at"].endswith("+09:00")
+    # Asia/Seoul, to the second; an empty window has nothing to wait for.
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+09:00", windows["tokens_per_day"]["resets_at"]
+    )
     assert user_scope["in_flight"] == 0
     assert user_scope["cooldown_ends_at"] is None
 
@@ -159,6 +163,7 @@ def test_me_gives_the_numbers_the_gateway_headers_give(alice: Person, bob: Perso
         str(windows["tokens_per_day"]["remaining"]) == headers["x-ratelimit-remaining-tokens-day"]
     )
     assert body["scopes"][0]["in_flight"] == 2
+    assert windows["tokens_per_day"]["resets_at"].endswith("T00:00:00+09:00")  # midnight, KST
     # The reset of the daily window is the same moment (midnight KST), a little later asked.
     assert 0 <= decision.state.reset_tokens_day - windows["tokens_per_day"]["reset_seconds"] < 5
 
