@@ -20,10 +20,24 @@ from api.serializers import (
     printable,
 )
 from gateway.models import ServedModel
+from gateway.services import EDITABLE_MODEL_FIELDS, MAX_KOREAN_FACTOR, MAX_REQUEST_TIMEOUT_SECONDS
 from quotas.models import Plan
+from quotas.services import PLAN_FIELDS
 from telemetry.models import SGLangSample
 
 Serializer = serializers.Serializer[Any]
+
+# PostgreSQL's integer and (with headroom for sums) bigint: declared here, since bounds derived
+# from the models depend on the database backend, and a SQLite install would publish a
+# different schema.
+INTEGER = 2**31 - 1
+BIGINT = 2**62
+
+
+def optional_limit(*, minimum: int, maximum: int = INTEGER) -> serializers.IntegerField:
+    return serializers.IntegerField(
+        required=False, allow_null=True, min_value=minimum, max_value=maximum
+    )
 
 
 class OperatorUserSerializer(serializers.ModelSerializer[User]):
@@ -83,24 +97,12 @@ class QuotaSerializer(Serializer):
 
     plan = serializers.SlugRelatedField(slug_field="name", queryset=Plan.objects.all())
     description = serializers.CharField(required=False, allow_blank=True, max_length=10_000)
-    requests_per_minute = serializers.IntegerField(
-        required=False, allow_null=True, min_value=0, max_value=2**31 - 1
-    )
-    tokens_per_minute = serializers.IntegerField(
-        required=False, allow_null=True, min_value=0, max_value=2**31 - 1
-    )
-    tokens_per_hour = serializers.IntegerField(
-        required=False, allow_null=True, min_value=0, max_value=2**62
-    )
-    tokens_per_day = serializers.IntegerField(
-        required=False, allow_null=True, min_value=0, max_value=2**62
-    )
-    cooldown_minutes = serializers.IntegerField(
-        required=False, allow_null=True, min_value=0, max_value=2**31 - 1
-    )
-    max_parallel_requests = serializers.IntegerField(
-        required=False, allow_null=True, min_value=0, max_value=2**31 - 1
-    )
+    requests_per_minute = optional_limit(minimum=0)
+    tokens_per_minute = optional_limit(minimum=0)
+    tokens_per_hour = optional_limit(minimum=0, maximum=BIGINT)
+    tokens_per_day = optional_limit(minimum=0, maximum=BIGINT)
+    cooldown_minutes = optional_limit(minimum=0)
+    max_parallel_requests = optional_limit(minimum=0)
     allowed_models = serializers.ListField(
         child=serializers.CharField(max_length=300),
         required=False,
@@ -112,29 +114,11 @@ class QuotaSerializer(Serializer):
 class PlanSerializer(serializers.ModelSerializer[Plan]):
     class Meta:
         model = Plan
-        fields = [
-            "id",
-            "name",
-            "description",
-            "requests_per_minute",
-            "tokens_per_minute",
-            "tokens_per_hour",
-            "tokens_per_day",
-            "cooldown_minutes",
-            "max_parallel_requests",
-            "allowed_models",
-            "extra_request_fields",
-            "priority",
-            "isolate_prefix_cache",
-            "self_service_keys",
-            "max_keys_per_user",
-        ]
+        fields = ["id", *PLAN_FIELDS]
         read_only_fields = ["id"]
-        # Explicit bounds (PostgreSQL's integer and bigint): otherwise they come from the
-        # database backend, and a SQLite install would publish a different schema.
         extra_kwargs = {
             **{
-                field: {"max_value": 2**31 - 1}
+                field: {"max_value": INTEGER}
                 for field in (
                     "requests_per_minute",
                     "tokens_per_minute",
@@ -143,9 +127,9 @@ class PlanSerializer(serializers.ModelSerializer[Plan]):
                     "max_keys_per_user",
                 )
             },
-            "tokens_per_hour": {"max_value": 2**62},
-            "tokens_per_day": {"max_value": 2**62},
-            "priority": {"min_value": -(2**31), "max_value": 2**31 - 1},
+            "tokens_per_hour": {"max_value": BIGINT},
+            "tokens_per_day": {"max_value": BIGINT},
+            "priority": {"min_value": -INTEGER - 1, "max_value": INTEGER},
         }
 
     def validate_name(self, value: str) -> str:
@@ -173,22 +157,14 @@ class OperatorKeySerializer(KeySerializer):
         read_only_fields = fields
 
 
+# A key's own limits: at least 1 each (null: only the user's limit applies). A comment, not a
+# docstring: the schema would give it to every request body built on this one.
 class KeyLimitsSerializer(Serializer):
-    requests_per_minute = serializers.IntegerField(
-        required=False, allow_null=True, min_value=1, max_value=2**31 - 1
-    )
-    tokens_per_minute = serializers.IntegerField(
-        required=False, allow_null=True, min_value=1, max_value=2**31 - 1
-    )
-    tokens_per_hour = serializers.IntegerField(
-        required=False, allow_null=True, min_value=1, max_value=2**62
-    )
-    tokens_per_day = serializers.IntegerField(
-        required=False, allow_null=True, min_value=1, max_value=2**62
-    )
-    max_parallel_requests = serializers.IntegerField(
-        required=False, allow_null=True, min_value=1, max_value=2**31 - 1
-    )
+    requests_per_minute = optional_limit(minimum=1)
+    tokens_per_minute = optional_limit(minimum=1)
+    tokens_per_hour = optional_limit(minimum=1, maximum=BIGINT)
+    tokens_per_day = optional_limit(minimum=1, maximum=BIGINT)
+    max_parallel_requests = optional_limit(minimum=1)
 
 
 class OperatorKeyCreateSerializer(KeyCreateSerializer, KeyLimitsSerializer):
@@ -215,25 +191,13 @@ class CreatedOperatorKeySerializer(OperatorKeySerializer):
 class ServedModelSerializer(serializers.ModelSerializer[ServedModel]):
     class Meta:
         model = ServedModel
-        fields = [
-            "id",
-            "name",
-            "aliases",
-            "upstream_url",
-            "tokenizer",
-            "context_length",
-            "korean_factor",
-            "request_timeout_seconds",
-            "lora_adapters",
-            "accepts_media",
-            "is_active",
-            "description",
-        ]
+        fields = ["id", *EDITABLE_MODEL_FIELDS]
         read_only_fields = ["id"]
         extra_kwargs = {
-            "context_length": {"min_value": 1, "max_value": 2**31 - 1},
-            "korean_factor": {"min_value": 0.01, "max_value": 100.0},
-            "request_timeout_seconds": {"min_value": 0.1, "max_value": 86_400.0},
+            # The bounds the service holds every way in to (gateway/services.py).
+            "context_length": {"min_value": 1, "max_value": INTEGER},
+            "korean_factor": {"min_value": 0.01, "max_value": MAX_KOREAN_FACTOR},
+            "request_timeout_seconds": {"min_value": 0.1, "max_value": MAX_REQUEST_TIMEOUT_SECONDS},
         }
 
     def validate_name(self, value: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,6 +13,7 @@ from rest_framework import serializers
 
 from accounts.models import ApiKey
 from quotas.models import UsageRecord
+from telemetry.usage import UsageTotals
 
 Serializer = serializers.Serializer[Any]
 
@@ -157,15 +159,8 @@ class UsageFigures(Serializer):
     )
 
 
-FIGURES = (
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "total_tokens",
-    "rate_limited",
-    "errors",
-)
+# The figures of a usage total, in the report's order.
+FIGURES = tuple(figure.name for figure in dataclasses.fields(UsageTotals))
 
 
 class UsageBucketSerializer(UsageFigures):
