@@ -36,7 +36,9 @@ def test_client_keys_never_reach_operator_endpoints(operator: Person, alice: Per
             response = person.client().get(path)
             assert response.status_code == 403, path
             assert response.json()["error"]["type"] == "permission_error"
-    assert alice.session().get(OPERATOR_PATHS[0]).status_code == 403
+            assert response.json()["error"]["code"] == "client_key_not_allowed"
+    refused = alice.session().get(OPERATOR_PATHS[0])
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "not_staff"
 
 
 def test_staff_sessions_and_tokens_do(operator: Person) -> None:
@@ -49,12 +51,15 @@ def test_a_read_token_cannot_write(operator: Person) -> None:
     reader = operator_token(operator, "read")
     response = reader.post("/api/v1/operator/plans", {"name": "x"}, format="json")
     assert response.status_code == 403
+    assert response.json()["error"]["code"] == "read_only_token"
     writer = operator_token(operator, "write")
     assert writer.post("/api/v1/operator/plans", {"name": "x"}, format="json").status_code == 201
 
 
 def test_operator_tokens_are_not_client_credentials(operator: Person) -> None:
-    assert operator_token(operator).get("/api/v1/me").status_code == 403
+    response = operator_token(operator).get("/api/v1/me")
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "operator_token_not_allowed"
 
 
 def test_a_token_of_a_user_no_longer_staff_is_refused(operator: Person) -> None:
