@@ -93,9 +93,7 @@ class UsageView(APIView):
         parameters=[UsageQuery],
         responses={
             (200, "application/json"): s.UsageSerializer,
-            (200, "text/csv"): OpenApiResponse(
-                OpenApiTypes.STR, description=_("UTF-8 with a byte-order mark (Excel)")
-            ),
+            (200, "text/csv"): CSV_RESPONSE,
         },
     )
     def get(self, request: Request) -> Response | HttpResponse:

@@ -12,8 +12,7 @@ from django.db.models import Max, QuerySet
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from django.utils.translation import gettext_lazy as _
-from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -30,7 +29,7 @@ from accounts.services import (
 )
 from api import operator_serializers as o
 from api.authentication import OperatorCredential
-from api.client_views import parse_query, usage_response
+from api.client_views import CSV_RESPONSE, parse_query, usage_response
 from api.errors import Conflict, invalid
 from api.pagination import ById, ByName, NewestFirst
 from api.permissions import IsOperator
@@ -282,9 +281,7 @@ class UsageView(APIView):
         parameters=[o.OperatorUsageQuerySerializer],
         responses={
             (200, "application/json"): UsageSerializer,
-            (200, "text/csv"): OpenApiResponse(
-                OpenApiTypes.STR, description=_("UTF-8 with a byte-order mark (Excel)")
-            ),
+            (200, "text/csv"): CSV_RESPONSE,
         },
     )
     def get(self, request: Request) -> Response | HttpResponse:
