@@ -8,11 +8,12 @@ from typing import Any
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
-from django.db.models import Max, QuerySet
+from django.db.models import Max, Q, QuerySet
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
-from drf_spectacular.utils import extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import exceptions, mixins, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -64,7 +65,13 @@ class OperatorViewSet(viewsets.GenericViewSet):
 
 
 @extend_schema_view(
-    list=extend_schema(tags=OPERATOR, summary=_("Users")),
+    list=extend_schema(
+        tags=OPERATOR,
+        summary=_("Users"),
+        parameters=[
+            OpenApiParameter("search", str, description=_("Part of the username or email address."))
+        ],
+    ),
     retrieve=extend_schema(tags=OPERATOR, summary=_("One user")),
     create=extend_schema(
         tags=OPERATOR,
@@ -84,7 +91,11 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorView
     http_method_names = ["get", "post", "patch"]
 
     def get_queryset(self) -> QuerySet[User]:
-        return User.objects.select_related("quota__plan")
+        users = User.objects.select_related("quota__plan")
+        search = self.request.query_params.get("search", "").strip()[:150]
+        if search and self.action == "list":
+            users = users.filter(Q(username__icontains=search) | Q(email__icontains=search))
+        return users
 
     def create(self, request: Request) -> Response:
         data = parse_body(o.UserCreateSerializer, request)
@@ -183,7 +194,11 @@ class PlanViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorView
 
 
 @extend_schema_view(
-    list=extend_schema(tags=OPERATOR, summary=_("API keys of every user")),
+    list=extend_schema(
+        tags=OPERATOR,
+        summary=_("API keys of every user"),
+        parameters=[OpenApiParameter("user", int, description=_("Only this user's keys."))],
+    ),
     retrieve=extend_schema(tags=OPERATOR, summary=_("One API key")),
     create=extend_schema(
         tags=OPERATOR,
@@ -208,7 +223,7 @@ class KeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OperatorViewS
         user = self.request.query_params.get("user")
         if user is not None and self.action == "list":
             if not user.isdigit() or len(user) > 18:
-                raise exceptions.ValidationError({"user": ["A user id."]})
+                raise exceptions.ValidationError({"user": [gettext("Enter a user id.")]})
             keys = keys.filter(user_id=int(user))
         return keys
 

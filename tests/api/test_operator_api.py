@@ -278,3 +278,14 @@ def test_names_and_times_from_outside_are_checked(operator: Person, alice: Perso
     assert response.status_code == 400
     assert alice.client().get("/api/v1/usage?start=1900-01-01T00:00:00Z").status_code == 400
     assert client.get("/api/v1/operator/keys?cursor=garbage").status_code == 400
+
+
+def test_users_are_found_by_part_of_their_name(
+    operator: Person, alice: Person, bob: Person
+) -> None:
+    client = operator.session()
+    found = client.get("/api/v1/operator/users?search=앨리").json()["results"]
+    assert [user["username"] for user in found] == ["앨리스"]
+    keys = client.get(f"/api/v1/operator/keys?user={bob.user.pk}").json()["results"]
+    assert [key["id"] for key in keys] == [bob.key.pk]
+    assert client.get("/api/v1/operator/keys?user=abc").status_code == 400
