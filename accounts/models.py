@@ -10,6 +10,12 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 
+class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
+    def active(self) -> ApiKeyQuerySet:
+        """Keys that work now: not revoked, not expired (ApiKey.state == "active")."""
+        return self.filter(revoked_at__isnull=True).exclude(expires_at__lte=timezone.now())
+
+
 class ApiKey(models.Model):
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL,
@@ -38,6 +44,8 @@ class ApiKey(models.Model):
     # Marks keys that came from config/ (import_config), e.g. the well-known quick-start keys.
     imported = models.BooleanField(_("imported from configuration"), default=False)
 
+    objects = ApiKeyQuerySet.as_manager()
+
     class Meta:
         verbose_name = _("API key")
         verbose_name_plural = _("API keys")
@@ -45,6 +53,15 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.user})"
+
+    @property
+    def state(self) -> str:
+        """ "revoked", "expired" or "active" (the key's own state; its user may be inactive)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= timezone.now():
+            return "expired"
+        return "active"
 
 
 class OperatorScope(models.TextChoices):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.contrib.auth.models import User
-from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
@@ -69,13 +68,7 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         if raw is None or raw.startswith(OPERATOR_TOKEN_PREFIX):
             return None
         key = ApiKey.objects.select_related("user").filter(key_hash=hash_key(raw)).first()
-        now = timezone.now()
-        if (
-            key is None
-            or key.revoked_at is not None
-            or (key.expires_at is not None and key.expires_at <= now)
-            or not key.user.is_active
-        ):
+        if key is None or key.state != "active" or not key.user.is_active:
             # One message for every case: which of them it was is nobody's business.
             raise exceptions.AuthenticationFailed(_("Invalid, expired or revoked API key."))
         return key.user, ClientKey(key)

@@ -31,12 +31,14 @@ from api.me import me_payload
 from api.pagination import NewestFirst, NewestRequestsFirst
 from gateway.models import ServedModel
 from quotas.models import UsageRecord
+from quotas.request_policy import model_allowed
 from quotas.services import (
     KeyPolicyError,
     create_own_api_key,
     effective_limits_for,
     revoke_own_api_key,
 )
+from telemetry.exports import BOM
 from telemetry.usage import usage_csv_rows, usage_report
 from tokenlimit.limiter import LimiterUnavailable
 
@@ -44,7 +46,6 @@ CLIENT = ["client"]
 CSV_RESPONSE = OpenApiResponse(
     OpenApiTypes.STR, description=_("UTF-8 with a byte-order mark (Excel)")
 )
-BOM = "\ufeff"
 
 
 class MeView(APIView):
@@ -272,17 +273,9 @@ def model_card(model: ServedModel, allowed: tuple[str, ...]) -> dict[str, Any] |
     """The model as this user may use it (None: not at all). Plans allow models by name or
     alias, adapters as "model:adapter" or "model:*", the same rules as the gateway's."""
     names = [model.name, *(model.aliases or [])]
-    adapters = list(model.lora_adapters or [])
-    if allowed:
-        base = any(name in allowed for name in names)
-        every_adapter = any(f"{name}:*" in allowed for name in names)
-        adapters = [
-            adapter
-            for adapter in adapters
-            if every_adapter or any(f"{name}:{adapter}" in allowed for name in names)
-        ]
-        if not base and not adapters:
-            return None
+    adapters = [a for a in model.lora_adapters or [] if model_allowed(allowed, names, a)]
+    if not adapters and not model_allowed(allowed, names, None):
+        return None
     return {
         "name": model.name,
         "aliases": list(model.aliases or []),

@@ -71,16 +71,10 @@ def _limited_keys(user: User, auth: Any) -> list[ApiKey]:
     user that has any limit of its own."""
     if isinstance(auth, ClientKey):
         return [auth.key]
-    now = timezone.now()
-    condition = Q()
+    has_own_limit = Q()
     for field in KEY_LIMIT_FIELDS:
-        condition |= Q(**{f"{field}__isnull": False})
-    return list(
-        ApiKey.objects.filter(user=user, revoked_at__isnull=True)
-        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
-        .filter(condition)
-        .order_by("pk")
-    )
+        has_own_limit |= Q(**{f"{field}__isnull": False})
+    return list(ApiKey.objects.filter(user=user).active().filter(has_own_limit).order_by("pk"))
 
 
 def limits_dict(limits: Limits) -> dict[str, Any]:

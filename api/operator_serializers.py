@@ -24,6 +24,7 @@ from gateway.services import EDITABLE_MODEL_FIELDS, MAX_KOREAN_FACTOR, MAX_REQUE
 from quotas.models import Plan
 from quotas.services import PLAN_FIELDS
 from telemetry.models import SGLangSample
+from telemetry.usage import TOP_BY
 
 Serializer = serializers.Serializer[Any]
 
@@ -213,7 +214,7 @@ class OperatorUsageQuerySerializer(UsageQuerySerializer):
 
 
 class TopQuerySerializer(Serializer):
-    by = serializers.ChoiceField(choices=["tokens", "requests", "rate_limited"], default="tokens")
+    by = serializers.ChoiceField(choices=list(TOP_BY), default="tokens")
     start = Moment(required=False, help_text=_("Default: 24 hours ago."))
     end = Moment(required=False, help_text=_("Default: now."))
     limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=10)

@@ -13,6 +13,7 @@ from rest_framework import serializers
 
 from accounts.models import ApiKey
 from quotas.models import UsageRecord
+from telemetry.rollups import PERIODS
 from telemetry.usage import UsageTotals
 
 Serializer = serializers.Serializer[Any]
@@ -120,7 +121,7 @@ class MeSerializer(Serializer):
 
 # --- Usage ----------------------------------------------------------------------------------------
 
-PERIOD_CHOICES = ["minute", "hour", "day"]
+PERIOD_CHOICES = list(PERIODS)
 
 
 class UsageQuerySerializer(Serializer):
@@ -267,15 +268,7 @@ class KeySerializer(serializers.ModelSerializer[ApiKey]):
         read_only_fields = fields
 
     def get_state(self, key: ApiKey) -> str:
-        return key_state(key)
-
-
-def key_state(key: ApiKey) -> str:
-    if key.revoked_at is not None:
-        return "revoked"
-    if key.expires_at is not None and key.expires_at <= timezone.now():
-        return "expired"
-    return "active"
+        return key.state
 
 
 class KeyCreateSerializer(Serializer):

@@ -46,6 +46,7 @@ from gateway.proxy import Call, Proxy
 from gateway.request_schema import CHAT, COMPLETIONS, TOKENIZE, Context, require_model, validate
 from gateway.stats import StatsPublisher
 from gateway.upstream import Upstream
+from quotas.request_policy import model_allowed
 from quotas.services import KeyGrant
 from tokenlimit.limiter import Clock, ratelimit_headers, system_clock
 from tokenlimit.tokens import TokenCounter
@@ -468,14 +469,8 @@ def internal_error(request_id: str) -> GatewayError:
 
 
 def _allowed(model: ModelInfo, grant: KeyGrant, adapter: str | None) -> bool:
-    """Plans list models by name or alias, adapters as `model:adapter` or `model:*`."""
     allowed = grant.limits.allowed_models
-    if not allowed:
-        return True
-    names = (model.name, *model.aliases)
-    if adapter is None:
-        return any(name in allowed for name in names)
-    return any(f"{name}:{adapter}" in allowed or f"{name}:*" in allowed for name in names)
+    return not allowed or model_allowed(allowed, (model.name, *model.aliases), adapter)
 
 
 def _card(name: str, root: str, context_length: int) -> dict[str, object]:

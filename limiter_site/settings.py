@@ -357,18 +357,6 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "ENUM_NAME_OVERRIDES": {},
 }
-if REDIS_URL:
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-            # Shares the limiter's prefix: deployments (and test runs) on one Redis stay apart.
-            "KEY_PREFIX": env_str("LIMITER_REDIS_PREFIX", "lim") + ":cache",
-            "TIMEOUT": 300,
-        }
-    }
-else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # --- The gateway (gateway/) -------------------------------------------------------------------
 # Where SGLang (or the bundled simulator) listens; a model may name its own upstream in the admin.
@@ -423,6 +411,19 @@ LIMITER_REDIS_REPLY_TIMEOUT = env_float("LIMITER_REDIS_REPLY_TIMEOUT", 2.0, mini
 LIMITER_REDIS_POOL_SIZE = env_int("LIMITER_REDIS_POOL_SIZE", 64, minimum=1)
 # Lets several deployments (or test runs) share one Redis without sharing counters.
 LIMITER_REDIS_PREFIX = env_str("LIMITER_REDIS_PREFIX", "lim")
+# The REST API's throttle counts live in this cache (api/throttling.py).
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            # Shares the limiter's prefix: deployments (and test runs) on one Redis stay apart.
+            "KEY_PREFIX": LIMITER_REDIS_PREFIX + ":cache",
+            "TIMEOUT": 300,
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 # A reservation's lease: renewed every third of it while the request runs; a dead gateway's
 # reservations and parallel slots are released when it runs out.
 LIMITER_LEASE_SECONDS = env_float("LIMITER_LEASE_SECONDS", 60.0, minimum=1.0)

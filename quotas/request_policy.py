@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
@@ -87,3 +88,15 @@ def user_cache_salt(secret: str, user_id: int) -> str:
     """A salt no client can guess or choose, stable per user across gateway replicas."""
     digest = hmac.new(secret.encode(), f"cache-salt:{user_id}".encode(), hashlib.sha256)
     return digest.hexdigest()[:32]
+
+
+def model_allowed(allowed: Sequence[str], names: Sequence[str], adapter: str | None) -> bool:
+    """Whether a plan's `allowed_models` lets a client use the model called `names` (its name
+    and aliases), or one of its LoRA adapters: models by name or alias, adapters as
+    "model:adapter" or "model:*"; an empty list allows everything. The gateway applies it to
+    every request; the REST API lists the models it allows."""
+    if not allowed:
+        return True
+    if adapter is None:
+        return any(name in allowed for name in names)
+    return any(f"{name}:{adapter}" in allowed or f"{name}:*" in allowed for name in names)

@@ -531,5 +531,4 @@ def _require_self_service(plan: Plan) -> None:
 
 
 def _active_keys(user: User) -> QuerySet[ApiKey]:
-    now = timezone.now()
-    return ApiKey.objects.filter(user=user, revoked_at__isnull=True).exclude(expires_at__lte=now)
+    return ApiKey.objects.filter(user=user).active()
