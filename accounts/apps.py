@@ -1,3 +1,4 @@
+import axes.apps
 from django.apps import AppConfig
 from django.utils.translation import gettext_lazy as _
 
@@ -8,3 +9,10 @@ class AccountsConfig(AppConfig):
 
     def ready(self) -> None:
         from accounts import checks  # noqa: F401  (registers the system checks)
+
+
+class LoginLockoutsConfig(axes.apps.AppConfig):
+    """django-axes under a name the admin can show in Korean (its own config has none, so the
+    admin's menu read "AXES")."""
+
+    verbose_name = _("Login lockouts")

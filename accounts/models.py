@@ -124,6 +124,7 @@ class AuditAction(models.TextChoices):
     USER_CHANGED = "user_changed", _("user changed")
     OPERATOR_TOKEN_CREATED = "operator_token_created", _("operator token created")
     OPERATOR_TOKEN_REVOKED = "operator_token_revoked", _("operator token revoked")
+    QUOTA_ALERTS_CHANGED = "quota_alerts_changed", _("quota alerts changed")
 
 
 class AuditEvent(models.Model):

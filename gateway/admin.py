@@ -16,6 +16,7 @@ from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from accounts.admin import AuditedAdmin, acting_user
+from accounts.admin_forms import LinesField
 from accounts.models import AuditAction
 from gateway.models import ServedModel
 from gateway.services import delete_served_model
@@ -27,6 +28,18 @@ RECONCILIATION_DAYS = 7
 
 
 class ServedModelForm(forms.ModelForm):
+    # Lists of names, one per line (the model validators still check what comes out).
+    aliases = LinesField(
+        label=_("aliases"), help_text=_("Other names clients may use, one per line.")
+    )
+    lora_adapters = LinesField(
+        label=_("LoRA adapters"),
+        help_text=_(
+            "Adapter names the server has loaded (--lora-paths name=path), one per line. "
+            'Clients ask for one as "model:adapter" or with lora_path; plans allow them.'
+        ),
+    )
+
     class Meta:
         model = ServedModel
         fields = (
@@ -44,11 +57,7 @@ class ServedModelForm(forms.ModelForm):
         )
 
     def clean_aliases(self) -> list[str]:
-        aliases = self.cleaned_data["aliases"] or []
-        if not isinstance(aliases, list) or not all(
-            isinstance(alias, str) and alias for alias in aliases
-        ):
-            raise forms.ValidationError(gettext('Enter a list of names, e.g. ["korean-qwen"].'))
+        aliases: list[str] = self.cleaned_data["aliases"] or []
         # The gateway resolves a name to one model: an alias must not be taken elsewhere.
         others = ServedModel.objects.exclude(pk=self.instance.pk).filter(is_active=True)
         taken = sorted(

@@ -254,8 +254,7 @@ class Gateway:
         finally:
             self.stats.in_flight -= 1
             metrics.IN_FLIGHT.dec()
-            self.stats.requests += 1
-            self.stats.tokens += call.billed
+            self.stats.count(call.status, call.billed)
 
     @contextlib.contextmanager
     def _recording_refusals(
@@ -284,8 +283,7 @@ class Gateway:
         facts = RequestFacts(request_id, grant.user_id, grant.key_id, "", endpoint, False, started)
         self.ledger.record(usage_row(facts, Outcome(status=exc.status, error_type=exc.type)))
         metrics.observe_refused(grant.username, exc.status, exc.type)
-        self.stats.requests += 1
-        self.stats.rate_limited += exc.status == 429
+        self.stats.count(exc.status)
 
     async def _read(
         self, scope: AsgiScope, receive: Receive, grant: KeyGrant, adapters: bool

@@ -25,6 +25,7 @@ class StatsPublisher:
         self.requests = 0
         self.rate_limited = 0
         self.tokens = 0
+        self.errors = 0  # answers >= 400 other than 429 (a client disconnect is 499)
         self.in_flight = 0
         self.process = f"{socket.gethostname()}:{os.getpid()}"
         self._task: asyncio.Task[None] | None = None
@@ -33,15 +34,27 @@ class StatsPublisher:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
 
+    def count(self, status: int, tokens: int = 0) -> None:
+        """One finished request, as the roll-ups count it: 429 rate-limited, other >= 400 an
+        error."""
+        self.requests += 1
+        self.tokens += tokens
+        if status == 429:
+            self.rate_limited += 1
+        elif status >= 400:
+            self.errors += 1
+
     def summary(self, seconds: float) -> dict[str, object]:
         requests, limited, tokens = self.requests, self.rate_limited, self.tokens
-        self.requests = self.rate_limited = self.tokens = 0
+        errors = self.errors
+        self.requests = self.rate_limited = self.tokens = self.errors = 0
         return {
             "process": self.process,
             "at": time.time(),
             "requests_per_second": round(requests / seconds, 2),
             "tokens_per_second": round(tokens / seconds, 2),
             "rate_limited_per_second": round(limited / seconds, 2),
+            "errors_per_second": round(errors / seconds, 2),
             "in_flight": self.in_flight,
         }
 

@@ -193,7 +193,9 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "axes",
+    # intcomma: thousands separators on every page (token counts run into the millions).
+    "django.contrib.humanize",
+    "accounts.apps.LoginLockoutsConfig",  # django-axes, named for the admin
     "rest_framework",
     "drf_spectacular",
     # Swagger UI and Redoc as static files of a package: operators run behind firewalls.
@@ -204,6 +206,7 @@ INSTALLED_APPS = [
     "gateway",
     "telemetry",
     "api",
+    "portal",
 ]
 
 MIDDLEWARE = [
@@ -223,6 +226,12 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "limiter_site.urls"
+# The web pages' login (Django's own views and session; axes throttles it like the admin's).
+# An SSO login (OIDC through a maintained library such as mozilla-django-oidc) would add its
+# backend to AUTHENTICATION_BACKENDS and a button to templates/registration/login.html.
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "portal:usage"
+LOGOUT_REDIRECT_URL = "login"
 ASGI_APPLICATION = "limiter_site.asgi.application"
 
 TEMPLATES = [
@@ -263,6 +272,9 @@ else:
     CELERY_BROKER_URL = "memory://"
     CELERY_TASK_ALWAYS_EAGER = True
 CELERY_TASK_EAGER_PROPAGATES = True
+# The console's live feed (/ws/stats/) re-checks its listener's session and staff status this
+# often: a deactivated, demoted or logged-out staff member is cut off within this many seconds.
+STATS_RECHECK_SECONDS = env_float("STATS_RECHECK_SECONDS", 30.0, minimum=1.0)
 # Several deployments (or test runs) sharing one Redis keep their tasks apart by queue name.
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "celery")
 # Without Redis there is no worker and no beat: the gateway process runs the beat schedule
@@ -288,7 +300,38 @@ LEDGER_REDIS_PERSISTENCE = env_choice("LEDGER_REDIS_PERSISTENCE", "require", ("r
 # Gateways keep what they shipped to the stream this long, and ship it again if Redis restarts
 # meanwhile: the append-only file is written up to a second or two after Redis acknowledged.
 LEDGER_SHIPPED_RETENTION_SECONDS = env_float("LEDGER_SHIPPED_RETENTION_SECONDS", 60.0, minimum=5.0)
+# --- Quota alerts (quotas/alerts.py, telemetry/alerts.py) and the email that carries them -------
+# Django's email settings; without DEBUG mail goes out by SMTP, with DEBUG it is printed.
+EMAIL_BACKEND = env_str(
+    "EMAIL_BACKEND",
+    "django.core.mail.backends.console.EmailBackend"
+    if DEBUG
+    else "django.core.mail.backends.smtp.EmailBackend",
+)
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+# A mail server that stops answering must not hold the alert check (and, in the quick start,
+# the embedded beat) for long.
+EMAIL_TIMEOUT = env_float("EMAIL_TIMEOUT", 10.0, minimum=0.1)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "token-limiter@localhost")
+# Where users open the portal, for the link in alert emails; empty leaves the link out.
+PORTAL_BASE_URL = env_str("PORTAL_BASE_URL", "http://localhost:8080" if DEBUG else "").rstrip("/")
+if PORTAL_BASE_URL and urlsplit(PORTAL_BASE_URL).scheme not in ("http", "https"):
+    raise ImproperlyConfigured("PORTAL_BASE_URL must start with http:// or https://")
+# Off: users may give a webhook URL, and the server would POST to whatever address they typed
+# (an internal service included: a server-side request forgery risk). Turn on only where the
+# workers' outbound traffic is restricted.
+QUOTA_ALERT_WEBHOOKS = env_bool("QUOTA_ALERT_WEBHOOKS", False)
+QUOTA_ALERT_CHECK_SECONDS = env_float("QUOTA_ALERT_CHECK_SECONDS", 60.0, minimum=5.0)
 CELERY_BEAT_SCHEDULE = {
+    "check-quota-alerts": {
+        "task": "telemetry.tasks.check_quota_alerts",
+        "schedule": QUOTA_ALERT_CHECK_SECONDS,
+        "options": {"expires": QUOTA_ALERT_CHECK_SECONDS * 0.9},
+    },
     "drain-ledger": {"task": "quotas.tasks.drain_ledger", "schedule": LEDGER_DRAIN_SECONDS},
     "scrape-sglang": {
         "task": "telemetry.tasks.scrape_sglang",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
 from django.db import models
+from django.utils import timezone
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
@@ -235,3 +239,145 @@ class LedgerDeadLetter(models.Model):
 
     def __str__(self) -> str:
         return self.request_id or f"#{self.pk}"
+
+
+# --- Quota alerts (quotas/alerts.py sets them; telemetry/alerts.py checks and sends) -------------
+
+WEBHOOK_URL_MAX = 500
+
+
+def validate_webhook_url(url: str) -> None:
+    """An alert webhook: http(s) only, at most WEBHOOK_URL_MAX characters, and no user:password@
+    part (a credential in a URL ends up in logs and in the audit trail)."""
+    if not url:
+        return
+    if len(url) > WEBHOOK_URL_MAX:
+        raise ValidationError(
+            gettext("Enter a URL of at most %(max)d characters.") % {"max": WEBHOOK_URL_MAX}
+        )
+    URLValidator(
+        schemes=["http", "https"],
+        message=gettext("Enter a web address that starts with http:// or https://."),
+    )(url)
+    if "@" in urlsplit(url).netloc:
+        raise ValidationError(
+            gettext("The address must not contain a user name or password (user:password@).")
+        )
+
+
+class AlertWindow(models.TextChoices):
+    """The windows a user may be alerted about: the ones that run out for hours, not seconds."""
+
+    TOKENS_PER_DAY = "tokens_per_day", _("daily token quota")
+    TOKENS_PER_HOUR = "tokens_per_hour", _("tokens per hour")
+
+
+class QuotaAlert(models.Model):
+    """One threshold of one window for one user: "tell me at 80 % of my daily tokens".
+
+    Turned off rather than deleted (`enabled`): its deliveries stay in the user's history, and
+    turning it off and on again within a period does not notify a second time.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="quota_alerts",
+        verbose_name=_("user"),
+    )
+    window = models.CharField(_("window"), max_length=20, choices=AlertWindow.choices)
+    threshold_percent = models.PositiveSmallIntegerField(
+        _("threshold (%)"), validators=[MinValueValidator(1), MaxValueValidator(100)]
+    )
+    enabled = models.BooleanField(_("enabled"), default=True)
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("quota alert")
+        verbose_name_plural = _("quota alerts")
+        ordering = ["window", "threshold_percent"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "window", "threshold_percent"], name="quotas_alert_unique"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(threshold_percent__gte=1, threshold_percent__lte=100),
+                name="quotas_alert_threshold_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} · {self.window} · {self.threshold_percent}%"
+
+
+class QuotaAlertSettings(models.Model):
+    """How a user's alerts reach them (no row: by email, no webhook)."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="quota_alert_settings",
+        verbose_name=_("user"),
+    )
+    email_enabled = models.BooleanField(_("send email"), default=True)
+    webhook_url = models.CharField(
+        _("webhook URL"),
+        max_length=WEBHOOK_URL_MAX,
+        blank=True,
+        validators=[validate_webhook_url],
+    )
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("quota alert settings")
+        verbose_name_plural = _("quota alert settings")
+
+    def __str__(self) -> str:
+        return str(self.user_id)
+
+
+class DeliveryStatus(models.TextChoices):
+    # Claimed (the row exists) but not yet reported back: a check that died while sending.
+    PENDING = "pending", _("sending")
+    SENT = "sent", _("sent")
+    FAILED = "failed", _("failed")
+
+
+DELIVERY_ERROR_MAX = 500
+
+
+class QuotaAlertDelivery(models.Model):
+    """The one notification of an alert in one period (a day, or an hour for tokens per hour).
+
+    The row is inserted before anything is sent, and (alert, period_start) is unique: of two
+    checks racing, only the one whose insert went in sends. Never retried (telemetry/alerts.py).
+    """
+
+    alert = models.ForeignKey(
+        QuotaAlert, on_delete=models.CASCADE, related_name="deliveries", verbose_name=_("alert")
+    )
+    period_start = models.DateTimeField(_("period start"))
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+    sent_at = models.DateTimeField(_("sent"), null=True, blank=True)
+    # "email", "webhook" or "email+webhook": what was tried.
+    channel = models.CharField(_("channel"), max_length=20)
+    status = models.CharField(
+        _("status"), max_length=10, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING
+    )
+    # The window as it was when the threshold was crossed.
+    used = models.PositiveBigIntegerField(_("used"), default=0)
+    limit = models.PositiveBigIntegerField(_("limit"), default=0)
+    error = models.CharField(_("error"), max_length=DELIVERY_ERROR_MAX, blank=True)
+
+    class Meta:
+        verbose_name = _("quota alert delivery")
+        verbose_name_plural = _("quota alert deliveries")
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["alert", "period_start"], name="quotas_alert_delivery_once"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.alert_id} @ {self.period_start:%Y-%m-%d %H:%M}"

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib import admin
 from django.contrib.auth.models import User
+from django.contrib.humanize.templatetags.humanize import intcomma
 from django.db.models import QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.formats import date_format
+from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
+from accounts import admin as accounts_admin
 from accounts.admin import ReadOnlyAdmin
+from accounts.models import ApiKey
 from gateway.admin import ServedModelFilter
+from quotas import admin as quotas_admin
 from quotas.admin import EstimatedCountPaginator
 from telemetry.exports import csv_lines, rollup_export
 from telemetry.models import SGLangSample, UsageRollup
+from telemetry.rollups import local_zone
+from telemetry.usage import UsageTotals, usage_report
 
 
 def _percent(value: float | None) -> str | None:
@@ -93,3 +106,105 @@ class UsageRollupAdmin(ReadOnlyAdmin):
         )
         response["Content-Disposition"] = 'attachment; filename="usage-rollups.csv"'
         return response
+
+
+# --- Usage on a user's and a key's page ----------------------------------------------------------
+
+# (label, days): today is the current Seoul day; 7 and 30 days end with it.
+USAGE_SPANS = ((_("today"), 1), (_("7 days"), 7), (_("30 days"), 30))
+
+
+def usage_by_span(*, user_id: int | None, api_key_id: int | None) -> list[tuple[str, UsageTotals]]:
+    """Usage over each span of USAGE_SPANS, from one daily report (one or two queries)."""
+    now = timezone.now()
+    today = timezone.localtime(now, local_zone()).replace(hour=0, minute=0, second=0, microsecond=0)
+    longest = max(days for _label, days in USAGE_SPANS)
+    start = today - timedelta(days=longest - 1)
+    report = usage_report(
+        user_id=user_id, period="day", start=start, end=now, api_key_id=api_key_id
+    )
+    spans = []
+    for label, days in USAGE_SPANS:
+        since = today - timedelta(days=days - 1)
+        buckets = [b for b in report.series if b.start >= since]
+        spans.append((str(label), _summed(buckets)))
+    return spans
+
+
+def _summed(buckets: list[Any]) -> UsageTotals:
+    fields = UsageTotals.__dataclass_fields__.keys() - {"total_tokens"}
+    return UsageTotals(**{name: sum(getattr(b, name) for b in buckets) for name in fields})
+
+
+def usage_table(spans: list[tuple[str, UsageTotals]], element_id: str) -> str:
+    header = format_html(
+        "<tr><th></th>" + '<th class="num">{}</th>' * 6 + "</tr>",
+        gettext("requests"),
+        gettext("prompt tokens"),
+        gettext("completion tokens"),
+        gettext("total tokens"),
+        gettext("rate limited"),
+        gettext("errors"),
+    )
+    rows = format_html_join(
+        "",
+        "<tr><th>{}</th>" + '<td class="num">{}</td>' * 6 + "</tr>",
+        (
+            (
+                label,
+                intcomma(totals.requests),
+                intcomma(totals.prompt_tokens),
+                intcomma(totals.completion_tokens),
+                intcomma(totals.total_tokens),
+                intcomma(totals.rate_limited),
+                intcomma(totals.errors),
+            )
+            for label, totals in spans
+        ),
+    )
+    table = '<table class="admin-summary" id="{}">{}{}</table>'
+    return format_html(table, element_id, header, rows)
+
+
+def _ledger_link(**query: Any) -> str:
+    url = f"{reverse('admin:quotas_usagerecord_changelist')}?{urlencode(query)}"
+    return format_html('<p><a href="{}">{}</a></p>', url, gettext("Requests in the ledger"))
+
+
+# The key page of accounts/admin.py, with the key's usage: this layer knows the reports.
+admin.site.unregister(ApiKey)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(accounts_admin.ApiKeyAdmin):
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
+        fields = super().get_fields(request, obj)
+        return fields if obj is None else (*fields[:-1], "usage", fields[-1])
+
+    @admin.display(description=_("usage"))
+    def usage(self, key: ApiKey) -> str:
+        spans = usage_by_span(user_id=None, api_key_id=key.pk)
+        note = format_html(
+            '<p class="help">{}</p>',
+            gettext("From the ledger, Seoul days; today started at midnight (KST) %(day)s.")
+            % {"day": date_format(timezone.localdate(), "Y-m-d")},
+        )
+        return format_html(
+            "{}{}{}", usage_table(spans, "key-usage"), note, _ledger_link(api_key__id__exact=key.pk)
+        )
+
+
+# The user page of quotas/admin.py, with the user's usage.
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class UserAdmin(quotas_admin.UserAdmin):
+    summary_fields = (*quotas_admin.UserAdmin.summary_fields, "usage")
+
+    @admin.display(description=_("usage"))
+    def usage(self, user: User) -> str:
+        spans = usage_by_span(user_id=user.pk, api_key_id=None)
+        return format_html(
+            "{}{}", usage_table(spans, "user-usage"), _ledger_link(user__id__exact=user.pk)
+        )

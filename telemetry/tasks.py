@@ -41,6 +41,9 @@ def publish_sglang(samples: list[Any]) -> None:
                 "kv_cache_usage": s.kv_cache_usage,
                 "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
                 "generation_throughput": s.generation_throughput,
+                # Cumulative: the console divides the growth of sum by that of count.
+                "ttft_sum": s.ttft_sum,
+                "ttft_count": s.ttft_count,
             }
             for s in samples
         ]
@@ -57,6 +60,19 @@ def roll_up_usage() -> dict[str, Any]:
     from telemetry import rollups
 
     return rollups.roll_up_recent()
+
+
+# --- Quota alerts -------------------------------------------------------------------------------
+
+
+@shared_task(name="telemetry.tasks.check_quota_alerts", ignore_result=True)
+def check_quota_alerts() -> dict[str, Any]:
+    """Tell users whose usage crossed one of their alert thresholds (telemetry/alerts.py)."""
+    from dataclasses import asdict
+
+    from telemetry import alerts
+
+    return asdict(alerts.check_quota_alerts())
 
 
 # --- Retention ----------------------------------------------------------------------------------

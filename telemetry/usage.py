@@ -555,3 +555,35 @@ def usage_csv_rows(report: UsageReport) -> Iterator[list[str]]:
     for bucket in report.series:
         start = bucket.start.astimezone(zone).isoformat(timespec="seconds")
         yield [report.period, start, *(str(getattr(bucket, name)) for name in _CSV_FIGURES)]
+
+
+# --- Per API key --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeyUsage(UsageTotals):
+    api_key_id: int | None  # None: requests without a key (never written by the gateway)
+    prefix: str | None  # None if the key no longer exists
+
+
+def usage_by_key(*, user_id: int, start: datetime, end: datetime) -> list[KeyUsage]:
+    """A user's usage per API key over [start, end), most tokens first: one query.
+
+    From the ledger alone (roll-ups have no key dimension), so a range older than
+    LEDGER_RETENTION_DAYS is incomplete, as usage_report's key filter says."""
+    _check_id(user_id, "user_id")
+    _check_range(start, end)
+    rows = (
+        UsageRecord.objects.filter(user_id=user_id, started_at__gte=start, started_at__lt=end)
+        .values("api_key_id", "api_key__prefix")
+        .annotate(**_row_figures())
+        .values_list("api_key_id", "api_key__prefix", *_FIGURES)
+        .order_by()
+    )
+    keys = []
+    for key_id, prefix, *figures in rows:
+        sums = _Sums()
+        sums.add(figures)
+        keys.append(KeyUsage(api_key_id=key_id, prefix=prefix, **sums.as_kwargs()))
+    keys.sort(key=lambda k: (-k.total_tokens, -k.requests, k.api_key_id or 0))
+    return keys

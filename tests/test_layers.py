@@ -1,4 +1,5 @@
-"""Dependencies go one way: tokenlimit → accounts → quotas → gateway → telemetry → limiter_site.
+"""Dependencies go one way: tokenlimit → accounts → quotas → gateway → telemetry → api → portal
+→ limiter_site.
 
 Every import counts, at module level, inside functions and under TYPE_CHECKING alike (hiding
 an import does not remove the dependency). A package may import its own layer and the ones
@@ -13,7 +14,16 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("tokenlimit", "accounts", "quotas", "gateway", "telemetry", "limiter_site")
+LAYERS = (
+    "tokenlimit",
+    "accounts",
+    "quotas",
+    "gateway",
+    "telemetry",
+    "api",
+    "portal",
+    "limiter_site",
+)
 SIMULATOR = "sglang_sim"
 # The one way into the simulator from the product: `manage.py simulate_sglang`.
 SIMULATOR_ENTRY = "gateway.management.commands.simulate_sglang"

@@ -249,7 +249,8 @@ def test_the_bulk_revoke_action_records_the_admin_user(
 
     response = client.post(
         url(ApiKey, "changelist"),
-        {"action": "revoke_selected", "_selected_action": [k.pk for k in keys]},
+        # "post": the confirmation page's answer (the action asks first).
+        {"action": "revoke_selected", "_selected_action": [k.pk for k in keys], "post": "yes"},
     )
 
     assert response.status_code == 302

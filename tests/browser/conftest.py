@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.gateway.conftest import database_url_for_subprocess, gateway_args
-from tests.procs import ROOT, free_port, running
+from tests.procs import ROOT, free_port, ledger_worker, running, simulator
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page, Request
@@ -36,6 +37,10 @@ STAFF_USERNAME = "browser-operator"
 # Passes AUTH_PASSWORD_VALIDATORS (long, not common, not numeric, unlike the username).
 STAFF_PASSWORD = "correct-horse-battery-staple-7"
 CLIENT_USERNAME = "브라우저고객"
+CLIENT_PASSWORD = "blue-river-lantern-owl-42"
+# The model the pages' end-to-end tests call through the gateway, served by the SGLang
+# simulator (standing in for the GPU, and only for it).
+MODEL = "Qwen/Qwen2.5-7B-Instruct"
 
 
 def _missing(reason: str) -> None:
@@ -88,6 +93,12 @@ class LiveSite:
     staff_password: str
     client_username: str
     client_key: str
+    client_password: str = CLIENT_PASSWORD
+    model: str = MODEL
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
 
 
 @dataclass
@@ -131,6 +142,8 @@ def make_site_data() -> tuple[str, dict[str, Any]]:
     create_operator_token(staff, actor=staff, name="browser test", scope="read")
 
     client, _ = get_or_create_user(CLIENT_USERNAME)
+    client.set_password(CLIENT_PASSWORD)  # as an operator does in the admin
+    client.save(update_fields=["password"])
     set_user_quota(client, default_plan(), actor=None)
     key, raw_key = create_api_key(client, actor=None, name="browser test key")
     now = time.time()
@@ -154,6 +167,16 @@ def make_site_data() -> tuple[str, dict[str, Any]]:
     )
     assert dead == 0
     return raw_key, {"users": [staff.pk, client.pk]}
+
+
+def serve_model(upstream: str) -> bool:
+    """The simulator as MODEL's upstream; True if this module created the row."""
+    from gateway.models import ServedModel
+
+    _, created = ServedModel.objects.update_or_create(
+        name=MODEL, defaults={"upstream_url": upstream}
+    )
+    return created
 
 
 def remove_site_data(user_ids: list[int], marks: Watermarks) -> None:
@@ -183,14 +206,20 @@ def remove_site_data(user_ids: list[int], marks: Watermarks) -> None:
 @pytest.fixture(scope="module")
 def live_site(chromium: Path, django_db_setup: None, django_db_blocker: Any) -> Iterator[LiveSite]:
     # After `chromium`: a test that will be skipped for want of a browser starts no server.
-    with django_db_blocker.unblock():
-        marks = _watermarks()
-        raw_key, created = make_site_data()
-        database_url = database_url_for_subprocess()
-    try:
+    with ExitStack() as stack:
+        upstream = stack.enter_context(simulator(MODEL))
+        with django_db_blocker.unblock():
+            marks = _watermarks()
+            raw_key, created = make_site_data()
+            created_model = serve_model(upstream)
+            database_url = database_url_for_subprocess()
+        stack.callback(_clean_up, django_db_blocker, created["users"], marks, created_model)
+        env = {"DATABASE_URL": database_url, "SGLANG_URL": upstream}
+        # Usage reaches the ledger (and the pages) through the Redis stream and a real worker.
+        stack.enter_context(ledger_worker(env))
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        with running(gateway_args(port), f"{url}/health", env={"DATABASE_URL": database_url}):
+        with running(gateway_args(port), f"{url}/health", env=env):
             yield LiveSite(
                 url=url,
                 staff_username=STAFF_USERNAME,
@@ -198,9 +227,15 @@ def live_site(chromium: Path, django_db_setup: None, django_db_blocker: Any) -> 
                 client_username=CLIENT_USERNAME,
                 client_key=raw_key,
             )
-    finally:
-        with django_db_blocker.unblock():
-            remove_site_data(created["users"], marks)
+
+
+def _clean_up(blocker: Any, user_ids: list[int], marks: Watermarks, created_model: bool) -> None:
+    from gateway.models import ServedModel
+
+    with blocker.unblock():
+        remove_site_data(user_ids, marks)
+        if created_model:
+            ServedModel.objects.filter(name=MODEL).delete()
 
 
 # --- Pages, their traffic and screenshots ------------------------------------------------------

@@ -154,17 +154,18 @@ def test_the_admin_is_styled(open_page: OpenPage, live_site: LiveSite) -> None:
     for name, path in ADMIN_LISTS.items():
         page.goto(f"{live_site.url}{path}")
         assert_styled(page)
-        # The module's data is there: one row each (conftest.make_site_data).
+        # The module's data is there (conftest.make_site_data). At least one row: the ledger
+        # worker also drains usage events earlier modules' gateways left in the stream.
         rows = page.locator("#result_list tbody tr")
         rows.first.wait_for()
-        assert rows.count() == 1, name
+        assert rows.count() >= 1, name
         screenshot(page, name)
     assert_stayed_home(traffic, "admin")
 
 
 @pytest.mark.parametrize(
     ("language", "header", "button"),
-    [("ko", "Django 관리", "로그인"), ("en", "Django administration", "Log in")],
+    [("ko", "토큰 리미터 관리", "로그인"), ("en", "Token Limiter administration", "Log in")],
 )
 def test_the_admin_speaks_korean_unless_asked_for_english(
     open_page: OpenPage, live_site: LiveSite, language: str, header: str, button: str

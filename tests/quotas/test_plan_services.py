@@ -431,8 +431,8 @@ def test_the_admin_audits_a_new_plan_and_a_deletion(admin_client: Any, admin_use
             "tokens_per_day": 1,
             "cooldown_minutes": 1,
             "max_parallel_requests": 1,
-            "allowed_models": "[]",
-            "extra_request_fields": "[]",
+            "allowed_models": "",  # one name per line (accounts/admin_forms.py)
+            "extra_request_fields": "",
             "self_service_keys": "on",
             "max_keys_per_user": 3,
         },
