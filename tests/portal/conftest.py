@@ -8,17 +8,10 @@ import pytest
 from django.conf import settings
 from django.test import Client
 
-from tests.api.conftest import Person, make_person
+# The REST API's two users, as fixtures of these tests too.
+from tests.api.conftest import Person, alice, bob, make_person
 
-
-@pytest.fixture
-def alice(db: None) -> Person:
-    return make_person("앨리스")
-
-
-@pytest.fixture
-def bob(db: None) -> Person:
-    return make_person("bob")
+__all__ = ["alice", "bob"]
 
 
 @pytest.fixture
