@@ -4,6 +4,8 @@ from django.utils.translation import gettext_lazy as _
 
 
 class AccountsConfig(AppConfig):
+    # The default of the two configs here: Django picks one automatically only if marked.
+    default = True
     name = "accounts"
     verbose_name = _("Accounts and API keys")
 

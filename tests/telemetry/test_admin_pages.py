@@ -290,3 +290,11 @@ def test_the_admin_speaks_korean(admin_client: Client, customer: User, page: str
     assert 'lang="ko"' in html
     assert "토큰 리미터 관리" in html
     assert not ENGLISH_LEFTOVERS.findall(html)
+
+
+def test_every_app_on_the_korean_index_has_a_korean_name(admin_client: Client) -> None:
+    html = admin_client.get("/admin/", headers=KO).content.decode()
+    names = re.findall(r'class="section"[^>]*>([^<]+)</a>', html)
+    # Ours, django-axes' (accounts.apps.LoginLockoutsConfig) and Django's own.
+    assert len(names) >= 6, names
+    assert [name for name in names if not re.search("[가-힣]", name)] == []
