@@ -10,6 +10,17 @@ from django.db import models
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
+
+def normalize_upstream_url(url: str) -> str:
+    """The server's root: "http://sglang:8000/v1/" → "http://sglang:8000". Operators paste the
+    OpenAI base URL they know, which ends in /v1; the gateway adds /v1/… (and probes /health,
+    /metrics) itself, so a kept /v1 made every request a 404 ("/v1/v1/chat/completions")."""
+    root = url.strip().rstrip("/")
+    if root.lower().endswith("/v1"):
+        root = root[: -len("/v1")].rstrip("/")
+    return root
+
+
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -83,3 +94,6 @@ class ServedModel(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        self.upstream_url = normalize_upstream_url(self.upstream_url)

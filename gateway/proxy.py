@@ -235,7 +235,16 @@ class Proxy:
             upstream_latency_ms=call.upstream_latency_ms,
             time_to_first_token_ms=call.ttft_ms,
         )
-        self.ledger.record(usage_row(call.facts or self._facts(call), outcome))
+        facts = call.facts or self._facts(call)
+        self.ledger.record(usage_row(facts, outcome))
+        if call.status >= 500 or (call.status == 200 and call.error_type):
+            # Once per failed request (a 5xx, or an error inside a stream that had started):
+            # enough to find it in the ledger and tell a dead upstream from a slow one.
+            log.warning(
+                "upstream failure for %s: status %d (%s) after %.1f ms, request %s",
+                call.model.name, call.status, call.error_type or "-",
+                (time.time() - facts.started_at) * 1000, call.request_id,
+            )  # fmt: skip
         call.billed = usage.prompt_tokens + usage.completion_tokens
         metrics.observe_finished(
             call.model.name, call.grant.username, call.status, usage.prompt_tokens,

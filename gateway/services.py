@@ -12,7 +12,7 @@ from django.utils.translation import gettext
 
 from accounts.models import AuditAction
 from accounts.services import changes, record_audit, validated_changes
-from gateway.models import ServedModel
+from gateway.models import ServedModel, normalize_upstream_url
 
 # What import_config sets (set_served_model).
 SERVED_MODEL_FIELDS = (
@@ -122,6 +122,8 @@ def _save(
 ) -> tuple[ServedModel, bool]:
     if "aliases" in fields:
         fields = {**fields, "aliases": _checked_aliases(fields["aliases"])}
+    if isinstance(fields.get("upstream_url"), str):
+        fields = {**fields, "upstream_url": normalize_upstream_url(fields["upstream_url"])}
     with transaction.atomic():
         if model is None:
             edited = ServedModel(**fields)

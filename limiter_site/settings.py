@@ -403,7 +403,9 @@ SPECTACULAR_SETTINGS = {
 
 # --- The gateway (gateway/) -------------------------------------------------------------------
 # Where SGLang (or the bundled simulator) listens; a model may name its own upstream in the admin.
-SGLANG_URL = env_str("SGLANG_URL", "http://127.0.0.1:8000").rstrip("/")
+# The server's root, as gateway.models.normalize_upstream_url makes a model's: a pasted
+# OpenAI base URL (…/v1) would otherwise turn every request into /v1/v1/… (a 404).
+SGLANG_URL = env_str("SGLANG_URL", "http://127.0.0.1:8000").rstrip("/").removesuffix("/v1")
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
 # A body that stops arriving (a Content-Length that lies, a stalled upload) is answered 408.
 GATEWAY_BODY_TIMEOUT_SECONDS = env_float("GATEWAY_BODY_TIMEOUT_SECONDS", 15.0, minimum=0.1)

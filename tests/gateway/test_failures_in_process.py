@@ -161,3 +161,20 @@ def test_a_client_gone_before_its_body_arrived_is_one_499_row(
 
     [row] = UsageRecord.objects.filter(error_type="client_closed")
     assert row.status_code == 499 and row.prompt_tokens == 0
+
+
+def test_an_upstream_failure_is_logged_once_with_request_id_status_and_latency(
+    admitted: tuple[Gateway, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway, key = admitted  # its upstream, port 9, refuses connections
+    with caplog.at_level("WARNING", logger="gateway.proxy"):
+        response = call(
+            gateway, "POST", "/v1/chat/completions",
+            json={"model": "korean-qwen", "messages": [{"role": "user", "content": "안녕"}]},
+            headers={"Authorization": f"Bearer {key}"},
+        )  # fmt: skip
+    assert response.status_code == 502
+    request_id = response.headers["x-request-id"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "gateway.proxy"]
+    assert "upstream failure" in line and request_id in line
+    assert "status 502" in line and " ms," in line

@@ -243,3 +243,29 @@ def test_the_admin_deletes_through_the_service(admin_client: Any, admin_user: Us
         ("b", admin_user.pk),
         ("c", admin_user.pk),
     ]
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("http://sglang:8000/v1", "http://sglang:8000"),
+        ("http://sglang:8000/v1/", "http://sglang:8000"),
+        ("https://gpu.example.com/V1", "https://gpu.example.com"),
+        ("http://sglang:8000/", "http://sglang:8000"),
+        ("http://proxy:9000/sglang/v1", "http://proxy:9000/sglang"),
+        ("http://sglang:8000/v10", "http://sglang:8000/v10"),
+    ],
+)
+def test_an_openai_base_url_is_stored_as_the_servers_root(given: str, stored: str) -> None:
+    model, _ = save_served_model(actor=None, model=None, name="qwen", upstream_url=given)
+    model.refresh_from_db()
+    assert model.upstream_url == stored
+    [event] = events_of(model)
+    assert event.details["upstream_url"] == stored
+    # A change through the service, and the admin's path (full_clean), do the same.
+    save_served_model(actor=None, model=model, upstream_url=given + "/")
+    model.refresh_from_db()
+    assert model.upstream_url == stored
+    edited = ServedModel(name="other", upstream_url=given)
+    edited.full_clean()
+    assert edited.upstream_url == stored
