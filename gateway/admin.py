@@ -8,8 +8,7 @@ from typing import Any
 from django import forms
 from django.conf import settings
 from django.contrib import admin
-from django.db.models import Avg, Count, F, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Abs
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.translation import gettext
@@ -19,7 +18,7 @@ from accounts.admin import AuditedAdmin, acting_user
 from accounts.admin_forms import LinesField
 from accounts.models import AuditAction
 from gateway.models import ServedModel
-from gateway.services import delete_served_model
+from gateway.services import delete_served_model, with_prompt_reconciliation
 from quotas import admin as quotas_admin
 from quotas.models import UsageRecord
 from tokenlimit.tokens import get_counter
@@ -94,22 +93,9 @@ class ServedModelAdmin(AuditedAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ServedModel]:
         # Reconciliation: the gateway's prompt count beside the upstream's, per model, over
-        # the last week. One subquery per column for the whole page, never per row in Python.
+        # the last week (one subquery per column for the whole page).
         since = timezone.now() - timedelta(days=RECONCILIATION_DAYS)
-        billed = UsageRecord.objects.filter(
-            model=OuterRef("name"), started_at__gte=since, usage_source="upstream", status_code=200
-        ).values("model")
-        differ = billed.exclude(prompt_tokens=F("estimated_prompt_tokens"))
-        gap = Abs(F("prompt_tokens") - F("estimated_prompt_tokens"))
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(
-                checked=Subquery(billed.annotate(n=Count("pk")).values("n")[:1]),
-                differing=Subquery(differ.annotate(n=Count("pk")).values("n")[:1]),
-                mean_gap=Subquery(differ.annotate(g=Avg(gap)).values("g")[:1]),
-            )
-        )
+        return with_prompt_reconciliation(super().get_queryset(request), since)
 
     def delete_model(self, request: HttpRequest, obj: ServedModel) -> None:
         delete_served_model(obj, actor=acting_user(request))

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from typing import Any
 
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import Avg, Count, F, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Abs
 from django.utils.translation import gettext
 
 from accounts.models import AuditAction
 from accounts.services import changes, record_audit, validated_changes
 from gateway.models import ServedModel, normalize_upstream_url
+from quotas.models import UsageRecord
 
 # What import_config sets (set_served_model).
 SERVED_MODEL_FIELDS = (
@@ -201,3 +205,26 @@ def _check_bounds(model: ServedModel, fields: dict[str, Any]) -> None:
 
 def _facts(model: ServedModel) -> dict[str, Any]:
     return {field: getattr(model, field) for field in EDITABLE_MODEL_FIELDS}
+
+
+def with_prompt_reconciliation(
+    models: QuerySet[ServedModel], start: datetime, end: datetime | None = None
+) -> QuerySet[ServedModel]:
+    """`models` annotated with the gateway's prompt count beside the upstream's over
+    [start, end): `checked` (upstream-billed 200s), `differing` (of those, counted differently
+    by the gateway) and `mean_gap` (their mean difference in tokens). One subquery per column
+    for the whole list, never a query per model. Used by the admin's served-model list and
+    the operator console."""
+    billed = UsageRecord.objects.filter(
+        model=OuterRef("name"), started_at__gte=start, usage_source="upstream", status_code=200
+    )
+    if end is not None:
+        billed = billed.filter(started_at__lt=end)
+    billed_by_model = billed.values("model")
+    differ = billed_by_model.exclude(prompt_tokens=F("estimated_prompt_tokens"))
+    gap = Abs(F("prompt_tokens") - F("estimated_prompt_tokens"))
+    return models.annotate(
+        checked=Subquery(billed_by_model.annotate(n=Count("pk")).values("n")[:1]),
+        differing=Subquery(differ.annotate(n=Count("pk")).values("n")[:1]),
+        mean_gap=Subquery(differ.annotate(g=Avg(gap)).values("g")[:1]),
+    )

@@ -117,7 +117,7 @@ def load_key_grant(key_hash: str) -> KeyGrant | None:
         return None
     quota = getattr(key.user, "quota", None)
     plan = quota.plan if quota is not None else default_plan()
-    limits = quota.effective_limits() if quota is not None else _plan_limits(plan)
+    limits = quota.effective_limits() if quota is not None else plan_limits(plan)
     return KeyGrant(
         key_id=key.pk,
         user_id=key.user_id,
@@ -154,7 +154,7 @@ def key_limits(key: ApiKey, user_limits: Limits) -> Limits | None:
     )
 
 
-def _plan_limits(plan: Plan) -> Limits:
+def plan_limits(plan: Plan) -> Limits:
     return Limits(
         **{field: getattr(plan, field) for field in LIMIT_FIELDS},
         allowed_models=tuple(plan.allowed_models or ()),
@@ -448,7 +448,7 @@ def user_plan(user: User) -> Plan:
 def effective_limits_for(user: User) -> Limits:
     """The limits the gateway applies to the user: their plan's with their own overrides."""
     quota = _quota_of(user)
-    return quota.effective_limits() if quota is not None else _plan_limits(default_plan())
+    return quota.effective_limits() if quota is not None else plan_limits(default_plan())
 
 
 def _quota_of(user: User) -> UserQuota | None:

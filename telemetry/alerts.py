@@ -59,8 +59,8 @@ from quotas.models import (
     QuotaAlertSettings,
     UserQuota,
 )
-from quotas.services import default_plan
-from tokenlimit.limiter import LIMIT_FIELDS, LimiterUnavailable, Limits, ScopeReading
+from quotas.services import default_plan, plan_limits
+from tokenlimit.limiter import LimiterUnavailable, Limits, ScopeReading
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def check_quota_alerts(*, now: float | None = None) -> CheckResult:
     moment = datetime.fromtimestamp(at, UTC)
     result = CheckResult()
     senders = Senders()
-    plan_limits: list[Limits] = []  # the default plan's, loaded when first needed
+    default_limits: list[Limits] = []  # the default plan's, loaded when first needed
     after = 0
     try:
         while True:
@@ -118,7 +118,7 @@ def check_quota_alerts(*, now: float | None = None) -> CheckResult:
             if not users:
                 break
             after = users[-1].pk
-            _check_batch(users, at, moment, plan_limits, senders, result)
+            _check_batch(users, at, moment, default_limits, senders, result)
             if len(users) < BATCH_USERS:
                 break
     except LimiterUnavailable as exc:
@@ -139,27 +139,21 @@ def _candidates(after: int) -> list[User]:
     )
 
 
-def _limits(user: User, plan_limits: list[Limits]) -> Limits:
+def _limits(user: User, default_limits: list[Limits]) -> Limits:
     # Not quotas.services.effective_limits_for: it asks for the default plan once per user.
     quota: UserQuota | None = getattr(user, "quota", None)
     if quota is not None:
         return quota.effective_limits()
-    if not plan_limits:
-        plan = default_plan()
-        plan_limits.append(
-            Limits(
-                **{name: getattr(plan, name) for name in LIMIT_FIELDS},
-                allowed_models=tuple(plan.allowed_models or ()),
-            )
-        )
-    return plan_limits[0]
+    if not default_limits:
+        default_limits.append(plan_limits(default_plan()))
+    return default_limits[0]
 
 
 def _check_batch(
     users: list[User],
     at: float,
     moment: datetime,
-    plan_limits: list[Limits],
+    default_limits: list[Limits],
     senders: Senders,
     result: CheckResult,
 ) -> None:
@@ -169,7 +163,7 @@ def _check_batch(
         by_user[alert.user_id].append(alert)
     candidates: list[tuple[QuotaAlert, Notice]] = []
     for user in users:
-        limits = _limits(user, plan_limits)
+        limits = _limits(user, default_limits)
         reading = read_live_state(user_scopes(user.pk, limits), now=at)[0]
         notices: dict[str, Notice] = {}
         for alert in by_user.get(user.pk, []):

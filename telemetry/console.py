@@ -16,11 +16,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Avg, Count, F, OuterRef, Q, Subquery, Sum
-from django.db.models.functions import Abs, Coalesce
+from django.db.models import Count, F, Q, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from gateway.models import ServedModel
+from gateway.services import with_prompt_reconciliation
 from quotas.models import LedgerDeadLetter, UsageRecord
 from telemetry.rollups import local_zone
 from telemetry.usage import TOP_BY, TopUser, UsageTotals, top_users, usage_report
@@ -183,29 +184,15 @@ def _reconciliation(start: datetime, end: datetime) -> list[Reconciliation]:
     """The admin's "prompt counts vs upstream" column (gateway/admin.py ServedModelAdmin) over
     the range: per served model, upstream-billed 200s, how many of them the gateway counted
     differently, and the mean gap. One query (a subquery per column)."""
-    billed = UsageRecord.objects.filter(
-        model=OuterRef("name"),
-        started_at__gte=start,
-        started_at__lt=end,
-        usage_source="upstream",
-        status_code=200,
-    ).values("model")
-    differ = billed.exclude(prompt_tokens=F("estimated_prompt_tokens"))
-    gap = Abs(F("prompt_tokens") - F("estimated_prompt_tokens"))
-    rows = (
-        ServedModel.objects.annotate(
-            checked=Subquery(billed.annotate(n=Count("pk")).values("n")[:1]),
-            differing=Subquery(differ.annotate(n=Count("pk")).values("n")[:1]),
-            mean_gap=Subquery(differ.annotate(g=Avg(gap)).values("g")[:1]),
-        )
-        .order_by("name")
-        .values_list("name", "checked", "differing", "mean_gap")
-    )
+    models = ServedModel.objects.order_by("name").only("name")
     return [
         Reconciliation(
-            model=name, checked=checked or 0, differing=differing or 0, mean_gap=mean_gap or 0.0
+            model=row.name,
+            checked=getattr(row, "checked", None) or 0,
+            differing=getattr(row, "differing", None) or 0,
+            mean_gap=getattr(row, "mean_gap", None) or 0.0,
         )
-        for name, checked, differing, mean_gap in rows
+        for row in with_prompt_reconciliation(models, start, end)
     ]
 
 
