@@ -126,6 +126,14 @@ class ModelInfo:
     request_timeout: float
     lora_adapters: tuple[str, ...] = ()
     accepts_media: bool = False
+    upstream_kind: str = (
+        "auto"  # gateway.models.UPSTREAM_KINDS; "auto": detected (gateway/upstream_kinds.py)
+    )
+    chat_template: str = ""  # the operator's template; "": the tokenizer's own
+    prompt_token_offset: int = 0
+    correct_offset_automatically: bool = False
+    # The estimator's refit for this model as sorted (name, value) pairs (hashable), () = none.
+    estimator_fit: tuple[tuple[str, float], ...] = ()
 
 
 class ModelCatalog:
@@ -192,7 +200,18 @@ class ModelCatalog:
             request_timeout=row["request_timeout_seconds"],
             lora_adapters=tuple(str(a) for a in row["lora_adapters"] or ()),
             accepts_media=row["accepts_media"],
+            upstream_kind=row["upstream_kind"],
+            chat_template=row["chat_template"],
+            prompt_token_offset=row["prompt_token_offset"],
+            correct_offset_automatically=row["correct_offset_automatically"],
+            estimator_fit=_fit_pairs(row["estimator_fit"]),
         )
+
+
+def _fit_pairs(fit: Any) -> tuple[tuple[str, float], ...]:
+    if not isinstance(fit, dict):
+        return ()
+    return tuple(sorted((str(k), float(v)) for k, v in fit.items() if isinstance(v, int | float)))
 
 
 def _load_models() -> list[dict[str, Any]]:
@@ -208,5 +227,10 @@ def _load_models() -> list[dict[str, Any]]:
         "request_timeout_seconds",
         "lora_adapters",
         "accepts_media",
+        "upstream_kind",
+        "chat_template",
+        "prompt_token_offset",
+        "correct_offset_automatically",
+        "estimator_fit",
     )
     return list(ServedModel.objects.filter(is_active=True).values(*fields))

@@ -21,6 +21,15 @@ def normalize_upstream_url(url: str) -> str:
     return root
 
 
+AUTO_KIND = "auto"
+UPSTREAM_KINDS = [
+    (AUTO_KIND, _("automatic")),
+    ("sglang", "SGLang"),
+    ("vllm", "vLLM"),
+    ("llama.cpp", "llama.cpp"),
+    ("openai", _("other OpenAI-compatible server")),
+]
+
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -84,6 +93,48 @@ class ServedModel(models.Model):
             "reach internal addresses."
         ),
     )
+    upstream_kind = models.CharField(
+        _("upstream kind"),
+        max_length=20,
+        choices=UPSTREAM_KINDS,
+        default=AUTO_KIND,
+        help_text=_(
+            "The server behind the upstream URL. It decides what the gateway probes for health, "
+            "scrapes for metrics, and uses for tokenizing and aborting. Automatic: detected from "
+            "the server's answers."
+        ),
+    )
+    chat_template = models.TextField(
+        _("chat template"),
+        blank=True,
+        help_text=_(
+            "A Jinja chat template that replaces the tokenizer's own, exactly as the model server "
+            "is started with (--chat-template). Blank: the tokenizer's template."
+        ),
+    )
+    # Added to every exact prompt count once the operator accepts it (see TokenizerCheck): a
+    # known constant difference, such as a default system prompt the upstream's template adds.
+    prompt_token_offset = models.IntegerField(
+        _("prompt token offset"),
+        default=0,
+        help_text=_(
+            "Tokens added to each counted prompt; learnt from the self-check against the upstream."
+        ),
+    )
+    correct_offset_automatically = models.BooleanField(
+        _("correct the offset automatically"),
+        default=False,
+        help_text=_(
+            "When the self-check finds a constant difference from the upstream's counts, use it "
+            "as the prompt token offset. Off: the difference is only reported."
+        ),
+    )
+    # The estimator's per-model refit from reconciled ledger rows ({} until fitted).
+    estimator_fit = models.JSONField(_("estimator fit"), default=dict, blank=True)
+    # Set by import_config: the file this row came from and the values it set then, so a
+    # re-import can tell an admin edit from a file edit.
+    config_file = models.CharField(_("managed by file"), max_length=500, blank=True)
+    config_values = models.JSONField(default=dict, blank=True, editable=False)
     is_active = models.BooleanField(_("active"), default=True)
     description = models.TextField(_("description"), blank=True)
 
@@ -97,3 +148,28 @@ class ServedModel(models.Model):
 
     def clean(self) -> None:
         self.upstream_url = normalize_upstream_url(self.upstream_url)
+
+
+class TokenizerCheck(models.Model):
+    """One self-check of a model's token counting against its upstream: probe conversations sent
+    with max_tokens 1, the upstream's usage.prompt_tokens beside the gateway's own count."""
+
+    model = models.ForeignKey(
+        ServedModel, on_delete=models.CASCADE, related_name="tokenizer_checks"
+    )
+    checked_at = models.DateTimeField(_("checked at"), auto_now_add=True, db_index=True)
+    # ok: every probe equal (after the offset in use); mismatch: a difference; failed: the
+    # upstream did not answer usable counts (nothing learnt).
+    outcome = models.CharField(_("outcome"), max_length=20)
+    counter_source = models.CharField(_("token counter"), max_length=500, blank=True)
+    offset_seen = models.IntegerField(_("offset seen"), null=True, blank=True)
+    probes = models.JSONField(_("probes"), default=list, blank=True)
+    detail = models.CharField(_("detail"), max_length=500, blank=True)
+
+    class Meta:
+        verbose_name = _("tokenizer check")
+        verbose_name_plural = _("tokenizer checks")
+        ordering = ["-checked_at"]
+
+    def __str__(self) -> str:
+        return f"{self.model_id} {self.outcome} {self.checked_at:%Y-%m-%d %H:%M}"
