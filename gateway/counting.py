@@ -33,7 +33,7 @@ from gateway.errors import GatewayError, invalid
 from gateway.request_schema import parse_json_object
 from tokenlimit import chat_templates
 from tokenlimit.chat_templates import TemplateBudgetExceeded
-from tokenlimit.tokens import TokenCounter, get_counter
+from tokenlimit.tokens import CounterKey, TokenCounter, get_counter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -172,15 +172,17 @@ def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None)
         done.set_result(result)
 
 
-def counting_key(model: ModelInfo) -> tuple[str, str, float | None]:
+def counting_key(model: ModelInfo) -> CounterKey:
     """Everything about a served model that changes its counts: a change in the admin gives a
     new key, so the next catalog reload (every GATEWAY_KEY_CACHE_SECONDS) brings a new counter."""
-    return (model.name, model.tokenizer, model.korean_factor)
+    return (
+        model.name, model.tokenizer, model.korean_factor, model.chat_template, model.estimator_fit
+    )  # fmt: skip
 
 
 class Counters:
     def __init__(self) -> None:
-        self._ready: dict[tuple[str, str, float | None], TokenCounter] = {}
+        self._ready: dict[CounterKey, TokenCounter] = {}
         self.fast = FairPool(2, "prepare")
         self.bulk = FairPool(2, "prepare-bulk", per_user=1)
 
@@ -202,7 +204,10 @@ class Counters:
         return await loop.run_in_executor(_load_executor, self._load_sync, model)
 
     def _load_sync(self, model: ModelInfo) -> TokenCounter:
-        counter = get_counter(*counting_key(model))
+        name, tokenizer, korean_factor, template, fit = counting_key(model)
+        counter = get_counter(
+            name, tokenizer, korean_factor, chat_template=template, estimator_fit=fit
+        )
         self._ready[counting_key(model)] = counter
         gc.freeze()  # the tokenizer lives as long as the process: see limiter_site/asgi.py
         return counter

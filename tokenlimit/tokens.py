@@ -303,7 +303,11 @@ class EstimatingCounter(TokenCounter):
 
     exact = False
 
-    def __init__(self, family: str, korean_factor: float | None = None) -> None:
+    def __init__(
+        self, family: str, korean_factor: float | None = None, *, fit: EstimatorFit = ()
+    ) -> None:
+        # TODO(issue 13, estimator refit): apply `fit`.
+        self.fit = dict(fit)
         factors = dict(FAMILY_FACTORS.get(family, FAMILY_FACTORS["default"]))
         units = parse_units(FAMILY_UNITS.get(family, "")) if family in FAMILY_FACTORS else ()
         if korean_factor is not None:
@@ -359,23 +363,35 @@ class EstimatingCounter(TokenCounter):
 
 # --- Finding a tokenizer ----------------------------------------------------------------------
 
-_counters: dict[tuple[str, str, float | None], TokenCounter] = {}
+# An estimator refit for one model (tokenlimit/estimator_fit.py): sorted (name, value) pairs.
+EstimatorFit = tuple[tuple[str, float], ...]
+CounterKey = tuple[str, str, float | None, str, EstimatorFit]
+_counters: dict[CounterKey, TokenCounter] = {}
 _loaded: dict[tuple[str, str], TokenizerCounter | None] = {}
 _lock = threading.Lock()
 
 
 def get_counter(
-    model_name: str, tokenizer: str = "", korean_factor: float | None = None
+    model_name: str,
+    tokenizer: str = "",
+    korean_factor: float | None = None,
+    *,
+    chat_template: str = "",
+    estimator_fit: EstimatorFit = (),
 ) -> TokenCounter:
-    """The counter for a served model; tokenizers load once per process (about a second)."""
-    key = (model_name, tokenizer or "", korean_factor)
+    """The counter for a served model; tokenizers load once per process (about a second).
+
+    `chat_template`: the operator's template, used instead of the tokenizer's own.
+    `estimator_fit`: the per-model refit the estimator applies when no tokenizer is found.
+    """
+    key: CounterKey = (model_name, tokenizer or "", korean_factor, chat_template, estimator_fit)
     counter = _counters.get(key)
     if counter is not None:
         return counter
     with _lock:
         counter = _counters.get(key)
         if counter is None:
-            counter = _build_counter(model_name, tokenizer or "", korean_factor)
+            counter = _build_counter(*key)
             _counters[key] = counter
     return counter
 
@@ -400,14 +416,21 @@ def qwen_tokenizer_dir() -> Path | None:
     return directory if (directory / "tokenizer.json").is_file() else None
 
 
-def _build_counter(model_name: str, tokenizer: str, korean_factor: float | None) -> TokenCounter:
+def _build_counter(
+    model_name: str,
+    tokenizer: str,
+    korean_factor: float | None,
+    chat_template: str,
+    estimator_fit: EstimatorFit,
+) -> TokenCounter:
+    # TODO(issue 13, tokenizer sources): chat_template applies to the loaded tokenizer.
     loaded_key = (model_name, tokenizer)
     if loaded_key not in _loaded:
         _loaded[loaded_key] = _load_tokenizer(model_name, tokenizer)
     exact = _loaded[loaded_key]
     if exact is not None:
         return exact
-    return EstimatingCounter(family_of(model_name, tokenizer), korean_factor)
+    return EstimatingCounter(family_of(model_name, tokenizer), korean_factor, fit=estimator_fit)
 
 
 def _candidates(model_name: str, tokenizer: str) -> list[tuple[str, str]]:
