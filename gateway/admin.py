@@ -7,7 +7,7 @@ from typing import Any
 
 from django import forms
 from django.conf import settings
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
@@ -17,8 +17,14 @@ from django.utils.translation import gettext_lazy as _
 from accounts.admin import AuditedAdmin, acting_user
 from accounts.admin_forms import LinesField
 from accounts.models import AuditAction
-from gateway.models import ServedModel
-from gateway.services import delete_served_model, with_prompt_reconciliation
+from gateway.models import ServedModel, TokenizerCheck
+from gateway.self_check import check_now
+from gateway.services import (
+    delete_served_model,
+    save_served_model,
+    with_latest_check,
+    with_prompt_reconciliation,
+)
 from quotas import admin as quotas_admin
 from quotas.models import UsageRecord
 from tokenlimit.tokens import get_counter
@@ -45,7 +51,11 @@ class ServedModelForm(forms.ModelForm):
             "name",
             "aliases",
             "upstream_url",
+            "upstream_kind",
             "tokenizer",
+            "chat_template",
+            "prompt_token_offset",
+            "correct_offset_automatically",
             "context_length",
             "korean_factor",
             "request_timeout_seconds",
@@ -71,6 +81,25 @@ class ServedModelForm(forms.ModelForm):
         return aliases
 
 
+CHECK_OUTCOMES = (
+    ("ok", _("equal to the upstream")),
+    ("mismatch", _("differs from the upstream")),
+    ("estimated", _("estimated (no tokenizer)")),
+    ("failed", _("upstream gave no counts")),
+)
+
+
+class TokenizerCheckInline(admin.TabularInline):
+    model = TokenizerCheck
+    extra = 0
+    max_num = 0  # read-only history: checks are written by the gateways
+    can_delete = False
+    fields = ("checked_at", "outcome", "offset_seen", "counter_source", "detail")
+    readonly_fields = fields
+    ordering = ("-checked_at",)
+    verbose_name_plural = _("tokenizer self-checks (newest first)")
+
+
 @admin.register(ServedModel)
 class ServedModelAdmin(AuditedAdmin):
     audit_action = AuditAction.MODEL_CHANGED
@@ -81,21 +110,57 @@ class ServedModelAdmin(AuditedAdmin):
         "alias_list",
         "tokenizer_shown",
         "upstream_shown",
+        "upstream_kind",
         "context_length",
         "korean_factor",
         "request_timeout_seconds",
         "is_active",
         "token_counter",
+        "self_check",
         "reconciliation",
     )
-    list_filter = ("is_active",)
+    list_filter = ("is_active", "upstream_kind")
     search_fields = ("name",)
+    inlines = [TokenizerCheckInline]
+    actions = ["run_self_check", "accept_offset_seen"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ServedModel]:
         # Reconciliation: the gateway's prompt count beside the upstream's, per model, over
         # the last week (one subquery per column for the whole page).
         since = timezone.now() - timedelta(days=RECONCILIATION_DAYS)
-        return with_prompt_reconciliation(super().get_queryset(request), since)
+        return with_latest_check(with_prompt_reconciliation(super().get_queryset(request), since))
+
+    @admin.display(description=_("tokenizer self-check"))
+    def self_check(self, model: Any) -> str:
+        if model.check_outcome is None:
+            return gettext("not checked yet")
+        outcome = dict(CHECK_OUTCOMES).get(model.check_outcome, model.check_outcome)
+        if model.check_offset:
+            return gettext("%(outcome)s: the upstream counts %(offset)+d tokens") % {
+                "outcome": outcome,
+                "offset": model.check_offset,
+            }
+        return str(outcome)
+
+    @admin.action(description=_("Run the tokenizer self-check now"))
+    def run_self_check(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> None:
+        for model in queryset:
+            result = check_now(model)
+            level = messages.SUCCESS if result.outcome == "ok" else messages.WARNING
+            self.message_user(request, f"{model.name}: {result.detail}", level)
+
+    @admin.action(description=_("Accept the offset the last self-check saw"))
+    def accept_offset_seen(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> None:
+        for model in with_latest_check(queryset):
+            offset = getattr(model, "check_offset", None)
+            if not offset:
+                message = gettext("%(model)s: no constant offset to accept.")
+                self.message_user(request, message % {"model": model.name}, messages.WARNING)
+                continue
+            new = model.prompt_token_offset + offset
+            save_served_model(actor=acting_user(request), model=model, prompt_token_offset=new)
+            message = gettext("%(model)s: prompt token offset is now %(offset)d.")
+            self.message_user(request, message % {"model": model.name, "offset": new})
 
     def delete_model(self, request: HttpRequest, obj: ServedModel) -> None:
         delete_served_model(obj, actor=acting_user(request))

@@ -23,7 +23,7 @@ from typing import Any
 
 from django.conf import settings
 
-from gateway import metrics, monitoring
+from gateway import metrics, monitoring, upstream_kinds
 from gateway.asgi_io import (
     AsgiScope,
     ClientDisconnected,
@@ -44,8 +44,10 @@ from gateway.limits import GatewayLimiter, shared_backend
 from gateway.preparation import Prepared, UpstreamTarget, prepare, tokenize
 from gateway.proxy import Call, Proxy
 from gateway.request_schema import CHAT, COMPLETIONS, TOKENIZE, Context, require_model, validate
+from gateway.self_check import SelfChecker
 from gateway.stats import StatsPublisher
 from gateway.upstream import Upstream
+from gateway.upstream_kinds import DetectedKinds
 from quotas.request_policy import model_allowed
 from quotas.services import KeyGrant
 from tokenlimit.limiter import Clock, ratelimit_headers, system_clock
@@ -71,7 +73,7 @@ class Gateway:
         # Model edits reach this process as soon as key edits do.
         self.catalog = ModelCatalog(settings.SGLANG_URL, settings.GATEWAY_KEY_CACHE_SECONDS)
         self.counters = Counters()
-        self.catalog.on_load = self.counters.preload
+        self.catalog.on_load = self._catalog_loaded
         self.ledger = LedgerWriter(
             settings.GATEWAY_LEDGER_FLUSH_SECONDS,
             settings.GATEWAY_LEDGER_MAX_PENDING,
@@ -80,11 +82,16 @@ class Gateway:
         )
         self.upstream = Upstream()
         self.limits = GatewayLimiter(shared_backend(), clock)
-        self.proxy = Proxy(self.upstream, self.counters, self.ledger, self.limits)
+        # Kinds of the "auto" upstreams, learnt by readiness checks; the proxy aborts by them.
+        self.kinds = DetectedKinds()
+        self.proxy = Proxy(self.upstream, self.counters, self.ledger, self.limits, self.kinds)
         self.stats = StatsPublisher()
+        self.self_check = SelfChecker(self.counters, self.upstream)
+        self._rechecks: asyncio.Future[None] | None = None
+        self._detecting: dict[str, asyncio.Future[None]] = {}
         self.readiness = Readiness(
             self.catalog, self.upstream, self.ledger, lambda: self.stats.in_flight,
-            self.counters.source,
+            self.counters.source, self.kinds, self._self_check_summary,
         )  # fmt: skip
         self.beat = embedded_beat()
         self._warm_up: asyncio.Future[None] | None = None
@@ -154,10 +161,37 @@ class Gateway:
 
     def _start_ledger(self) -> None:
         """Spool and shipping thread now, and adoption of dead gateways' spools now and then:
-        at start-up under uvicorn (lifespan), at the first request under Daphne."""
+        at start-up under uvicorn (lifespan), at the first request under Daphne. The periodic
+        tokenizer self-check starts with them."""
         if self._adoption is None:
             self.ledger.start()
             self._adoption = asyncio.ensure_future(self._adopt_dead_spools())
+        if self._rechecks is None and settings.GATEWAY_SELF_CHECK:
+            self._rechecks = asyncio.ensure_future(self._recheck_periodically())
+
+    def _self_check_summary(self, name: str) -> dict[str, Any] | None:
+        result = self.self_check.results.get(name)
+        return result.summary() if result is not None else None
+
+    def _catalog_loaded(self, models: tuple[ModelInfo, ...]) -> None:
+        self.counters.preload(models)  # tokenizers load at start-up, not on a first request
+        self.self_check.on_catalog(models)
+        # "auto" upstreams: learn their kind now (the abort route depends on it), not only
+        # when someone reads /health/ready.
+        for url, kind in upstream_kinds.upstreams(models).items():
+            if self.kinds.kind(url, kind) is None and url not in self._detecting:
+                self._detecting[url] = asyncio.ensure_future(self._detect(url, kind))
+
+    async def _detect(self, url: str, kind: str) -> None:
+        try:
+            await self.readiness.probe_upstream(url, kind)  # never raises: a report
+        finally:
+            self._detecting.pop(url, None)
+
+    async def _recheck_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(settings.GATEWAY_SELF_CHECK_SECONDS)
+            self.self_check.due(self.catalog.snapshot())
 
     async def _adopt_dead_spools(self) -> None:
         while True:
@@ -170,6 +204,9 @@ class Gateway:
 
     async def close(self) -> None:
         """Shut down cleanly: ship the ledger, close every pool (lifespan shutdown, tests)."""
+        rechecks, self._rechecks = self._rechecks, None
+        if rechecks is not None:
+            rechecks.cancel()
         adoption, self._adoption = self._adoption, None
         if adoption is not None:
             adoption.cancel()
@@ -315,7 +352,7 @@ class Gateway:
         target = UpstreamTarget(model.name, request.adapter, request_id, grant.access)
         prepared = await self.counters.prepare(
             request.size, grant.user_id, prepare, endpoint, request.data, ctx, counter,
-            model.context_length, target,
+            model.context_length, target, model.prompt_token_offset,
         )  # fmt: skip
         return request.requested, model, prepared
 
@@ -442,7 +479,7 @@ class Gateway:
         if not (monitoring.is_monitoring(scope) or await monitoring.is_staff_session(scope)):
             raise monitoring.forbidden("/health/ready")
         report = await self.readiness.report()
-        status = 503 if report["status"] == "unavailable" else 200
+        status = 503 if report["status"] in ("unavailable", "starting") else 200
         await out.json(status, report, [(b"cache-control", b"no-store")])
 
 

@@ -190,22 +190,27 @@ class ModelCatalog:
             self.on_load(models)
 
     def _info(self, row: dict[str, Any]) -> ModelInfo:
-        return ModelInfo(
-            name=row["name"],
-            aliases=tuple(str(a) for a in row["aliases"] or ()),
-            upstream_url=(row["upstream_url"] or self._default_upstream).rstrip("/"),
-            tokenizer=row["tokenizer"],
-            context_length=row["context_length"],
-            korean_factor=row["korean_factor"],
-            request_timeout=row["request_timeout_seconds"],
-            lora_adapters=tuple(str(a) for a in row["lora_adapters"] or ()),
-            accepts_media=row["accepts_media"],
-            upstream_kind=row["upstream_kind"],
-            chat_template=row["chat_template"],
-            prompt_token_offset=row["prompt_token_offset"],
-            correct_offset_automatically=row["correct_offset_automatically"],
-            estimator_fit=_fit_pairs(row["estimator_fit"]),
-        )
+        return model_info(row, self._default_upstream)
+
+
+def model_info(row: dict[str, Any], default_upstream: str) -> ModelInfo:
+    """A ServedModel's values (MODEL_FIELDS) as the gateway uses them."""
+    return ModelInfo(
+        name=row["name"],
+        aliases=tuple(str(a) for a in row["aliases"] or ()),
+        upstream_url=(row["upstream_url"] or default_upstream).rstrip("/"),
+        tokenizer=row["tokenizer"],
+        context_length=row["context_length"],
+        korean_factor=row["korean_factor"],
+        request_timeout=row["request_timeout_seconds"],
+        lora_adapters=tuple(str(a) for a in row["lora_adapters"] or ()),
+        accepts_media=row["accepts_media"],
+        upstream_kind=row["upstream_kind"],
+        chat_template=row["chat_template"],
+        prompt_token_offset=row["prompt_token_offset"],
+        correct_offset_automatically=row["correct_offset_automatically"],
+        estimator_fit=_fit_pairs(row["estimator_fit"]),
+    )
 
 
 def _fit_pairs(fit: Any) -> tuple[tuple[str, float], ...]:
@@ -217,20 +222,22 @@ def _fit_pairs(fit: Any) -> tuple[tuple[str, float], ...]:
 def _load_models() -> list[dict[str, Any]]:
     from gateway.models import ServedModel
 
-    fields = (
-        "name",
-        "aliases",
-        "upstream_url",
-        "tokenizer",
-        "context_length",
-        "korean_factor",
-        "request_timeout_seconds",
-        "lora_adapters",
-        "accepts_media",
-        "upstream_kind",
-        "chat_template",
-        "prompt_token_offset",
-        "correct_offset_automatically",
-        "estimator_fit",
-    )
-    return list(ServedModel.objects.filter(is_active=True).values(*fields))
+    return list(ServedModel.objects.filter(is_active=True).values(*MODEL_FIELDS))
+
+
+MODEL_FIELDS = (
+    "name",
+    "aliases",
+    "upstream_url",
+    "tokenizer",
+    "context_length",
+    "korean_factor",
+    "request_timeout_seconds",
+    "lora_adapters",
+    "accepts_media",
+    "upstream_kind",
+    "chat_template",
+    "prompt_token_offset",
+    "correct_offset_automatically",
+    "estimator_fit",
+)

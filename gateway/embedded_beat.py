@@ -60,4 +60,8 @@ def embedded_beat() -> EmbeddedBeat | None:
     if settings.REDIS_URL or not settings.EMBEDDED_BEAT:
         return None
     current_app.loader.import_default_modules()  # registers the tasks of every app
+    # Celery logs "Task … succeeded in …" at INFO for every eager run: with the ledger drained
+    # every second that was a log line a second. Failures still log (ERROR, and ours above).
+    trace = logging.getLogger("celery.app.trace")
+    trace.setLevel(max(trace.getEffectiveLevel(), logging.WARNING))
     return EmbeddedBeat(settings.CELERY_BEAT_SCHEDULE)

@@ -17,16 +17,18 @@ import concurrent.futures
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from django.conf import settings
 from django.db import close_old_connections, connection
 
+from gateway import upstream_kinds
 from gateway.caches import ModelCatalog, ModelInfo
 from gateway.ledger import LedgerWriter
 from gateway.upstream import Upstream
+from gateway.upstream_kinds import DetectedKinds, traits
 from quotas import ledger_stream
 from quotas.models import LedgerDeadLetter
 
@@ -45,6 +47,9 @@ class Readiness:
     ledger: LedgerWriter
     in_flight: Callable[[], int]
     token_counter: Callable[[ModelInfo], str]
+    kinds: DetectedKinds = field(default_factory=DetectedKinds)
+    # The latest tokenizer self-check per model name (gateway/self_check.py), as shown here.
+    self_check: Callable[[str], dict[str, Any] | None] = lambda name: None
 
     def __post_init__(self) -> None:
         self._report: dict[str, Any] | None = None
@@ -69,8 +74,10 @@ class Readiness:
             models = await asyncio.wait_for(self.catalog.models(), CHECK_TIMEOUT)
         except Exception:
             models = self.catalog.snapshot()
-        urls = sorted({m.upstream_url for m in models} or {settings.SGLANG_URL})
-        upstreams = await asyncio.gather(*(self._upstream(url) for url in urls))
+        targets = upstream_kinds.upstreams(models) or {settings.SGLANG_URL: upstream_kinds.AUTO}
+        upstreams = await asyncio.gather(
+            *(self.probe_upstream(url, targets[url]) for url in sorted(targets))
+        )
         ledger = self._ledger(database, redis_state)
         # One model's GPU being down must not pull the whole gateway out of a load balancer: it
         # serves while its own dependencies are up and at least one upstream answers. A Redis
@@ -81,9 +88,14 @@ class Readiness:
             and not redis_state.get("persistence_problem")
             and any(u["ok"] for u in upstreams)
         )
+        listed = [self._model_entry(m) for m in models]
         if not serving:
             status = "unavailable"
-        elif all(u["ok"] for u in upstreams) and models:
+        elif any(m["token_counter"] == "loading" for m in listed):
+            # Tokenizers load at start-up (seconds for a large one): a load balancer should
+            # not send the first requests to wait for them.
+            status = "starting"
+        elif all(u["ok"] for u in upstreams) and models and not _count_problems(listed):
             status = "ok"
         else:
             status = "degraded"
@@ -96,12 +108,23 @@ class Readiness:
             "database": {"vendor": connection.vendor}
             | {k: v for k, v in database.items() if k != "dead_letters"},
             "redis": redis_state,
-            "models": [
-                {"name": m.name, "aliases": list(m.aliases), "token_counter": self.token_counter(m)}
-                for m in models
-            ],
-            "warnings": self._warnings(ledger, redis_state, models),
+            "models": listed,
+            "warnings": self._warnings(ledger, redis_state, models) + _count_problems(listed),
         }
+
+    def _model_entry(self, model: ModelInfo) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "name": model.name,
+            "aliases": list(model.aliases),
+            "upstream_kind": self.kinds.kind(model.upstream_url, model.upstream_kind)
+            or model.upstream_kind,
+            "token_counter": self.token_counter(model),
+            "prompt_token_offset": model.prompt_token_offset,
+        }
+        check = self.self_check(model.name)
+        if check is not None:
+            entry["self_check"] = check
+        return entry
 
     def _ledger(self, database: dict[str, Any], redis_state: dict[str, Any]) -> dict[str, Any]:
         """Where usage events are on their way to the database, and how long the oldest waits."""
@@ -212,13 +235,22 @@ class Readiness:
             self._redis_loop = loop
         return self._redis
 
-    async def _upstream(self, url: str) -> dict[str, Any]:
+    async def probe_upstream(self, url: str, configured: str) -> dict[str, Any]:
+        """Probe what this kind of server has (gateway/upstream_kinds.py): SGLang's and vLLM's
+        /health, else /v1/models, which also tells an "auto" model's kind."""
+        kind = self.kinds.kind(url, configured)
+
         async def get() -> dict[str, Any]:
+            path = upstream_kinds.MODELS_PATH if kind is None else traits(kind).liveness_path
             timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT)
-            async with self.upstream.session().get(f"{url}/health", timeout=timeout) as response:
+            async with self.upstream.session().get(f"{url}{path}", timeout=timeout) as response:
                 if response.status != 200:
-                    raise RuntimeError(f"HTTP {response.status}")
-                return {}
+                    raise RuntimeError(f"HTTP {response.status} from {path}")
+                if kind is not None:
+                    return {"kind": kind}
+                detected = upstream_kinds.kind_from_models(await response.json(content_type=None))
+                self.kinds.learn(url, detected)
+                return {"kind": detected, "detected": True}
 
         return {"url": url, **(await _timed(get))}
 
@@ -251,3 +283,15 @@ def _ping() -> dict[str, Any]:
     # The ping is a useful query: dead letters waiting for a replay (an indexed count).
     close_old_connections()
     return {"dead_letters": LedgerDeadLetter.objects.filter(replayed_at__isnull=True).count()}
+
+
+def _count_problems(models: list[dict[str, Any]]) -> list[str]:
+    """Warnings for models whose prompt counts are known not to match their upstream's."""
+    problems = []
+    for model in models:
+        check = model.get("self_check") or {}
+        if check.get("outcome") == "mismatch":
+            problems.append(f"token counts for {model['name']}: {check.get('detail')}")
+        elif model.get("token_counter_problem"):
+            problems.append(f"token counts for {model['name']}: {model['token_counter_problem']}")
+    return problems

@@ -50,9 +50,13 @@ def prepare(
     counter: TokenCounter,
     context_length: int,
     target: UpstreamTarget,
+    prompt_offset: int = 0,
 ) -> Prepared:
     valid = validate(endpoint, data, ctx)
     prompt = count_prompt(counter, endpoint, valid.fields)
+    if endpoint == CHAT and prompt and getattr(counter, "chat_exact", counter.exact):
+        # The model's known difference from its upstream's count (gateway/self_check.py).
+        prompt = max(prompt + prompt_offset, 0)
     default_max = (
         settings.LIMITER_DEFAULT_MAX_TOKENS if endpoint == CHAT else COMPLETIONS_DEFAULT_MAX_TOKENS
     )

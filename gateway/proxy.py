@@ -25,11 +25,22 @@ from gateway.counting import Counters
 from gateway.errors import GatewayError, error_body, rewrite_upstream_error
 from gateway.ledger import LedgerWriter, Outcome, RequestFacts, usage_row
 from gateway.limits import GatewayLimiter
-from gateway.sse import EventSplitter, StreamAccount, Usage, response_usage
+from gateway.sse import (
+    DONE,
+    EventSplitter,
+    StreamAccount,
+    Usage,
+    response_usage,
+    usage_chunk,
+    with_usage,
+)
 from gateway.upstream import Upstream, timed_out, timeouts, unreachable
+from gateway.upstream_kinds import DetectedKinds, traits
 from quotas.services import KeyGrant
 
 log = logging.getLogger(__name__)
+ABORT_TIMEOUT_SECONDS = 2.0
+MISMATCH_LOG_SECONDS = 600.0
 
 
 @dataclass(slots=True)
@@ -50,6 +61,7 @@ class Call:
     status: int = 0
     error_type: str = ""
     usage: Usage | None = None
+    usage_source: str = "upstream"  # "gateway": counted here, the upstream reported none
     generated_text: str = ""
     client_disconnected: bool = False
     upstream_latency_ms: float | None = None
@@ -62,12 +74,21 @@ class Call:
 
 class Proxy:
     def __init__(
-        self, upstream: Upstream, counters: Counters, ledger: LedgerWriter, limits: GatewayLimiter
+        self,
+        upstream: Upstream,
+        counters: Counters,
+        ledger: LedgerWriter,
+        limits: GatewayLimiter,
+        kinds: DetectedKinds | None = None,
     ) -> None:
         self.upstream = upstream
         self.counters = counters
         self.ledger = ledger
         self.limits = limits
+        self.kinds = kinds or DetectedKinds()
+        self._aborts: set[asyncio.Task[None]] = set()
+        self._mismatches: dict[str, int] = {}
+        self._mismatch_logged: dict[str, float] = {}
 
     async def run(self, call: Call, receive: Receive, out: Responder) -> None:
         """Relay the call while watching for the client leaving; always settles and records."""
@@ -82,6 +103,7 @@ class Proxy:
             if not relay.done():
                 call.client_disconnected = True
                 relay.cancel()
+                self._abort_upstream(call)
                 with contextlib.suppress(asyncio.CancelledError):
                     await relay
             else:
@@ -99,6 +121,45 @@ class Proxy:
             if relay is not None and not relay.done():
                 relay.cancel()
             await self._settle(call)
+
+    def _mismatch_seen(self, call: Call, usage: Usage) -> None:
+        """Equal unless the chat template or tokenizer differs from the upstream's (the admin
+        shows how often: reconciliation column; and why: the tokenizer self-check). Logged at
+        most once per model per MISMATCH_LOG_SECONDS with how many since: an estimating model
+        differs on every request, and a line per request said nothing new."""
+        self._mismatches[call.model.name] = self._mismatches.get(call.model.name, 0) + 1
+        now = time.monotonic()
+        if now < self._mismatch_logged.get(call.model.name, 0.0):
+            return
+        self._mismatch_logged[call.model.name] = now + MISMATCH_LOG_SECONDS
+        log.warning(
+            "prompt count mismatch for %s: gateway %d, upstream %d (request %s); "
+            "%d mismatches since the last such line",
+            call.model.name, call.prompt_count, usage.prompt_tokens, call.request_id,
+            self._mismatches.pop(call.model.name),
+        )  # fmt: skip
+
+    def _abort_upstream(self, call: Call) -> None:
+        """Closing the connection stops generation on every kind of server; SGLang also has
+        /abort_request by rid, the explicit route (some releases kept decoding after a close:
+        ../shared/reference/sglang.md). Fire and forget: the client is gone already."""
+        kind = self.kinds.kind(call.model.upstream_url, call.model.upstream_kind)
+        path = traits(kind).abort_path if kind is not None else ""
+        if not path:
+            return
+        task = asyncio.ensure_future(self._post_abort(f"{call.model.upstream_url}{path}", call))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    async def _post_abort(self, url: str, call: Call) -> None:
+        try:
+            timeout = aiohttp.ClientTimeout(total=ABORT_TIMEOUT_SECONDS)
+            async with self.upstream.session().post(
+                url, json={"rid": call.request_id}, timeout=timeout
+            ) as response:
+                await response.read()
+        except Exception as exc:  # the connection is closed anyway; SGLang aborts on that too
+            log.info("abort of %s at %s failed: %s", call.request_id, url, exc)
 
     @staticmethod
     def _facts(call: Call, scopes: list[list[Any]] | None = None) -> RequestFacts:
@@ -142,6 +203,12 @@ class Proxy:
         call.upstream_latency_ms = call.elapsed_ms()
         if response.status == 200:
             call.usage, call.generated_text = response_usage(raw)
+            if call.usage is None:
+                # A server that reports no usage (some OpenAI-compatible ones): the client
+                # still gets the usage OpenAI always sends, from the gateway's own count.
+                call.usage = await self._counted_usage(call, call.generated_text)
+                call.usage_source = "gateway"
+                raw = with_usage(raw, call.usage)
             await out.complete(200, raw, headers)
             return
         body = rewrite_upstream_error(response.status, raw)
@@ -163,6 +230,8 @@ class Proxy:
                     if call.ttft_ms is None:
                         call.ttft_ms = call.elapsed_ms()
                     if account.inspect(event) or call.client_wants_usage:
+                        if _held_back(event, account, call):
+                            continue
                         await out.body(event + b"\n\n", more=True)
                 if time.monotonic() >= checkpoint:
                     # What a crash of this process would bill (gateway/ledger.py).
@@ -174,8 +243,11 @@ class Proxy:
                         call.request_id, max(so_far, account.output_pieces()), True
                     )
             rest = splitter.rest()
-            if rest.strip() and (account.inspect(rest) or call.client_wants_usage):
+            kept = rest.strip() and (account.inspect(rest) or call.client_wants_usage)
+            if kept and not _held_back(rest, account, call):
                 await out.body(rest + b"\n\n", more=True)
+            if _held_back(DONE, account, call) and account.saw_done:
+                await self._send_counted_usage(call, account, out)
         except asyncio.CancelledError:
             # The client left: drop the upstream connection now so SGLang aborts generation.
             response.close()
@@ -194,6 +266,26 @@ class Proxy:
                 call.generated_text = account.generated_text()
         await out.body(b"")
 
+    async def _send_counted_usage(self, call: Call, account: StreamAccount, out: Responder) -> None:
+        """The usage chunk the client asked for (stream_options.include_usage) when the upstream
+        sent none: the gateway's own count, marked `"usage_source": "gateway"`, then the
+        [DONE] that was held back for it."""
+        call.usage = await self._counted_usage(call, account.generated_text())
+        call.usage_source = "gateway"
+        chunk = usage_chunk(account.last_payload(), call.usage)
+        await out.body(b"data: " + chunk + b"\n\n" + DONE + b"\n\n", more=True)
+
+    async def _counted_usage(self, call: Call, text: str) -> Usage:
+        """Usage counted here: the prompt as counted at admission, the completion from the
+        generated text, never above what the request allowed (its max_tokens × choices, all
+        that was reserved): a tokenizer the gateway lacks must not over-bill."""
+        completion = 0
+        if text:
+            completion = await self.counters.count_completion(call.grant.user_id, call.model, text)
+        if call.reserved:
+            completion = min(completion, max(call.reserved - call.prompt_count, 0))
+        return Usage(prompt_tokens=call.prompt_count, completion_tokens=completion)
+
     async def _fail(self, call: Call, out: Responder, headers: Headers, exc: GatewayError) -> None:
         call.status = exc.status
         call.error_type = exc.type if exc.code is None else str(exc.code)
@@ -203,24 +295,19 @@ class Proxy:
             await out.error(exc, headers)
 
     async def _settle(self, call: Call) -> None:
-        usage, source = call.usage, "upstream"
-        if usage is not None and call.prompt_count and usage.prompt_tokens != call.prompt_count:
-            # Equal unless the chat template or tokenizer differs from the upstream's: the
-            # admin's served-model list shows how often (reconciliation column).
-            log.warning(
-                "prompt count mismatch for %s: gateway %d, upstream %d (request %s)",
-                call.model.name, call.prompt_count, usage.prompt_tokens, call.request_id,
-            )  # fmt: skip
+        usage, source = call.usage, call.usage_source
+        if (
+            source == "upstream"
+            and usage is not None
+            and call.prompt_count
+            and usage.prompt_tokens != call.prompt_count
+        ):
+            self._mismatch_seen(call, usage)
         if usage is None:
-            completion = 0
-            if call.generated_text:
-                completion = await self.counters.count_completion(
-                    call.grant.user_id, call.model, call.generated_text
-                )
-            produced = call.status == 200 or completion > 0
-            usage = Usage(
-                prompt_tokens=call.prompt_count if produced else 0, completion_tokens=completion
-            )
+            usage = await self._counted_usage(call, call.generated_text)
+            produced = call.status == 200 or usage.completion_tokens > 0
+            if not produced:
+                usage = Usage()
             source = "gateway" if produced else "none"
         if call.client_disconnected and call.status == 0:
             call.status = 499  # nginx's "client closed request": nothing was sent back
@@ -272,3 +359,12 @@ def _error_type(body: bytes) -> str:
         return str(error.get("type") or "upstream_error")
     except (ValueError, KeyError, TypeError, AttributeError):
         return "upstream_error"
+
+
+def _held_back(event: bytes, account: StreamAccount, call: Call) -> bool:
+    """[DONE] waits while the client asked for usage and the upstream has sent none yet: the
+    gateway sends its own usage chunk before it (`_send_counted_usage`)."""
+    return (
+        event.startswith(DONE) and call.client_wants_usage and account.usage is None
+        and not account.error
+    )  # fmt: skip

@@ -15,7 +15,7 @@ from django.utils.translation import gettext
 
 from accounts.models import AuditAction
 from accounts.services import changes, record_audit, validated_changes
-from gateway.models import ServedModel, normalize_upstream_url
+from gateway.models import ServedModel, TokenizerCheck, normalize_upstream_url
 from quotas.models import UsageRecord
 
 # What import_config sets (set_served_model).
@@ -227,4 +227,70 @@ def with_prompt_reconciliation(
         checked=Subquery(billed_by_model.annotate(n=Count("pk")).values("n")[:1]),
         differing=Subquery(differ.annotate(n=Count("pk")).values("n")[:1]),
         mean_gap=Subquery(differ.annotate(g=Avg(gap)).values("g")[:1]),
+    )
+
+
+# --- Tokenizer self-check (gateway/self_check.py) ----------------------------------------------
+
+SELF_CHECK_LABEL = "tokenizer self-check"
+CHECKS_KEPT_PER_MODEL = 50
+MAX_LEARNT_OFFSET = 4096  # a larger "offset" is a wrong tokenizer, not a template's preamble
+
+
+def record_tokenizer_check(result: Any, model: Any) -> TokenizerCheck | None:
+    """Store one self-check result (a gateway.self_check.CheckResult for `model`, a ModelInfo),
+    keep the newest CHECKS_KEPT_PER_MODEL, and apply a constant offset when the operator asked
+    for that. None when the model is gone."""
+    served = ServedModel.objects.filter(name=result.model).first()
+    if served is None:
+        return None
+    with transaction.atomic():
+        check = TokenizerCheck.objects.create(
+            model=served,
+            outcome=result.outcome[:20],
+            counter_source=result.counter_source[:500],
+            offset_seen=result.offset_seen,
+            probes=result.probes,
+            detail=result.detail[:500],
+        )
+        stale = TokenizerCheck.objects.filter(model=served).order_by("-checked_at", "-pk")
+        stale_ids = list(stale.values_list("pk", flat=True)[CHECKS_KEPT_PER_MODEL:])
+        if stale_ids:
+            TokenizerCheck.objects.filter(pk__in=stale_ids).delete()
+    if (
+        result.outcome == "mismatch"
+        and result.offset_seen is not None
+        and model.correct_offset_automatically
+    ):
+        apply_learnt_offset(served, model.prompt_token_offset, result.offset_seen)
+    return check
+
+
+def apply_learnt_offset(served: ServedModel, seen_with: int, gap: int) -> bool:
+    """Add `gap` to the prompt token offset that was in use when the check ran (`seen_with`).
+    Conditional on that offset still being in place: N gateways that saw the same gap, or a
+    check that ran before an admin edit, change nothing twice. Audited as a model change by
+    the self-check."""
+    new = seen_with + gap
+    if abs(new) > MAX_LEARNT_OFFSET:
+        return False
+    with transaction.atomic():
+        updated = ServedModel.objects.filter(pk=served.pk, prompt_token_offset=seen_with).update(
+            prompt_token_offset=new
+        )
+        if updated:
+            details = changes({"prompt_token_offset": seen_with}, {"prompt_token_offset": new})
+            record_audit(None, AuditAction.MODEL_CHANGED, served, details, SELF_CHECK_LABEL)
+    return bool(updated)
+
+
+def with_latest_check(queryset: QuerySet[ServedModel]) -> QuerySet[ServedModel]:
+    """Each model with its newest self-check's outcome, offset seen and time (one subquery
+    each for the whole page, not a query per row)."""
+    latest = TokenizerCheck.objects.filter(model=OuterRef("pk")).order_by("-checked_at", "-pk")
+    return queryset.annotate(
+        check_outcome=Subquery(latest.values("outcome")[:1]),
+        check_offset=Subquery(latest.values("offset_seen")[:1]),
+        check_detail=Subquery(latest.values("detail")[:1]),
+        check_at=Subquery(latest.values("checked_at")[:1]),
     )

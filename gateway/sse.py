@@ -93,6 +93,14 @@ class StreamAccount:
         self.content_events.append(event)
         return True
 
+    def last_payload(self) -> dict[str, Any]:
+        """The last chunk with choices (its id, model, created and object), or {}."""
+        for event in reversed(self.content_events):
+            payload = _payload(event)
+            if payload and "choices" in payload:
+                return payload
+        return {}
+
     def generated_text(self) -> str:
         """The text of every choice, for counting when the upstream reported no usage."""
         pieces: list[str] = []
@@ -161,3 +169,38 @@ def response_usage(body: bytes) -> tuple[Usage | None, str]:
             if isinstance(text, str):
                 texts.append(text)
     return usage, "".join(texts)
+
+
+def usage_payload(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+
+
+def usage_chunk(like: dict[str, Any], usage: Usage) -> bytes:
+    """A final usage chunk shaped like OpenAI's (empty choices), after the stream's own chunks;
+    `usage_source: "gateway"` says the gateway counted it."""
+    kind = like.get("object")
+    return orjson.dumps(
+        {
+            "id": like.get("id") if isinstance(like.get("id"), str) else "",
+            "object": kind if isinstance(kind, str) else "chat.completion.chunk",
+            "created": like.get("created") if isinstance(like.get("created"), int) else 0,
+            "model": like.get("model") if isinstance(like.get("model"), str) else "",
+            "choices": [],
+            "usage": usage_payload(usage),
+            "usage_source": "gateway",
+        }
+    )
+
+
+def with_usage(body: bytes, usage: Usage) -> bytes:
+    """A whole response with the gateway's usage added (it had none); unchanged if not JSON."""
+    payload = _loads(body)
+    if not isinstance(payload, dict):
+        return body
+    payload["usage"] = usage_payload(usage)
+    payload["usage_source"] = "gateway"
+    return orjson.dumps(payload)

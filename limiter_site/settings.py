@@ -427,6 +427,10 @@ GATEWAY_UPSTREAM_CONNECT_TIMEOUT = env_float("GATEWAY_UPSTREAM_CONNECT_TIMEOUT",
 # Longest silence tolerated between two bytes from the upstream (a slow first token included).
 GATEWAY_UPSTREAM_READ_TIMEOUT = env_float("GATEWAY_UPSTREAM_READ_TIMEOUT", 300.0, minimum=0.1)
 GATEWAY_UPSTREAM_POOL_SIZE = env_int("GATEWAY_UPSTREAM_POOL_SIZE", 1000, minimum=1)
+# The tokenizer self-check (gateway/self_check.py): a few max_tokens=1 probes per model to its
+# upstream at start-up, on every change of a model's counting settings, and this often.
+GATEWAY_SELF_CHECK = env_bool("GATEWAY_SELF_CHECK", True)
+GATEWAY_SELF_CHECK_SECONDS = env_float("GATEWAY_SELF_CHECK_SECONDS", 3600.0, minimum=10.0)
 # Ledger rows are written in batches by a background thread, never on the request path.
 GATEWAY_LEDGER_FLUSH_SECONDS = env_float("GATEWAY_LEDGER_FLUSH_SECONDS", 0.5, minimum=0.01)
 GATEWAY_LEDGER_MAX_PENDING = env_int("GATEWAY_LEDGER_MAX_PENDING", 1_000_000, minimum=100)

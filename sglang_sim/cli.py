@@ -13,9 +13,10 @@ import logging
 import os
 from argparse import ArgumentParser
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from sglang_sim.jobs import DEFAULT_MODEL, SimulatorConfig
+from sglang_sim.jobs import DEFAULT_MODEL, KINDS, SimulatorConfig
 from sglang_sim.server import serve
 
 Translate = Callable[[str], str]
@@ -80,6 +81,21 @@ def add_arguments(parser: ArgumentParser, _: Translate = untranslated) -> None:
         help=_("Tokens in a chat answer without max_tokens (default %(default)s)."),
     )
 
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default=defaults.kind,
+        help=_(
+            "Which server to play: sglang (its whole API), or openai-generic (only /v1/*: no "
+            "/health, no /metrics, no usage in streams)."
+        ),
+    )
+    parser.add_argument(
+        "--chat-template",
+        default="",
+        help=_("A Jinja chat template file to render prompts with, instead of the tokenizer's."),
+    )
+
 
 def config_from_options(options: Mapping[str, Any], _: Translate = untranslated) -> SimulatorConfig:
     """The configuration from parsed options (argparse dests); OptionError for a bad value."""
@@ -91,7 +107,18 @@ def config_from_options(options: Mapping[str, Any], _: Translate = untranslated)
     for name in ("context_length", "max_total_tokens", "answer_tokens"):
         if options[name] < 1:
             raise OptionError(_("--%(name)s must be positive") % {"name": name.replace("_", "-")})
+    template = ""
+    if options.get("chat_template"):
+        try:
+            template = Path(options["chat_template"]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise OptionError(
+                _("--chat-template: cannot read %(path)s (%(error)s)")
+                % {"path": options["chat_template"], "error": exc.strerror}
+            ) from None
     return SimulatorConfig(
+        kind=options.get("kind") or "sglang",
+        chat_template=template,
         model=options["model"],
         tokens_per_second=options["tokens_per_second"],
         ttft_ms=options["ttft_ms"],

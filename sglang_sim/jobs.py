@@ -14,6 +14,9 @@ from typing import Protocol
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 
 
+KINDS = ("sglang", "openai-generic")
+
+
 @dataclass(frozen=True)
 class SimulatorConfig:
     model: str = DEFAULT_MODEL
@@ -24,6 +27,12 @@ class SimulatorConfig:
     max_total_tokens: int = 262144
     max_running_requests: int = 0  # 0 = no limit, nothing ever queues
     answer_tokens: int = 64
+    # "sglang": SGLang's whole API. "openai-generic": what a plain OpenAI-compatible server
+    # (llama-cpp-python, for one) has: /v1/* only, no /health, no /metrics, no usage in streams.
+    kind: str = "sglang"
+    # A chat template (text) the simulated model uses instead of its tokenizer's: a server
+    # started with another template than the gateway counts with (--chat-template).
+    chat_template: str = ""
 
 
 @dataclass
@@ -52,6 +61,7 @@ class SimStats:
 
     requests: int = 0
     aborted: int = 0
+    abort_requests: int = 0  # POST /abort_request calls (the explicit route, by rid)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     peak_running: int = 0

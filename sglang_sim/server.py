@@ -27,6 +27,13 @@ the body but not the headers, and SGLang itself ignores unknown body fields):
 - `x-sim-error-after-tokens: N` / `error_after_tokens`: after N tokens end a stream with a
   `data: {"error": …}` event (non-streaming: HTTP 500).
 
+`--kind openai-generic` plays a plain OpenAI-compatible server instead (llama-cpp-python, say):
+only `/v1/chat/completions`, `/v1/completions` and `/v1/models` answer (no `/health`, no
+`/metrics`, no native routes), and streams carry no usage whatever the client asks.
+`--chat-template FILE` renders prompts with another template than the tokenizer's, as a server
+started with `--chat-template` does: usage then differs from a gateway counting with the
+tokenizer's own template (what the gateway's tokenizer self-check must catch).
+
 Simulator-only routes for tests: `GET /sim/last_request` (the last /v1 JSON body, as received),
 `GET /sim/stats` (requests, aborted, prompt/completion tokens, running, peak_running since the
 start or the last reset) and `POST /sim/reset`.
@@ -176,7 +183,9 @@ class Simulator:
 
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
-        self.counter = get_counter(config.model, config.tokenizer)
+        self.counter = get_counter(
+            config.model, config.tokenizer, chat_template=config.chat_template
+        )
         self.answer = AnswerTokens(self.counter)
         tokenizer = getattr(self.counter, "tokenizer", None)
         self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
@@ -426,7 +435,9 @@ class Api:
             raise refusal
         target, stops = plan_answer(limit, hooks.completion_tokens, default, context - prompt)
         stream = body.get("stream") is True
-        options = body.get("stream_options") if stream and not hooks.no_usage else None
+        # A generic OpenAI-compatible server (llama-cpp-python) ignores stream_options.
+        usage_in_streams = not hooks.no_usage and self.sim.config.kind == "sglang"
+        options = body.get("stream_options") if stream and usage_in_streams else None
         options = options if isinstance(options, dict) else {}
         rid = body.get("rid")
         return Job(
@@ -492,7 +503,7 @@ class Api:
             "id": config.model,
             "object": "model",
             "created": int(time.time()),
-            "owned_by": "sglang",
+            "owned_by": "sglang" if config.kind == "sglang" else "owner",
             "root": config.model,
             "parent": None,
             "max_model_len": config.context_length,
@@ -521,6 +532,7 @@ class Api:
         except SimError as exc:
             return exc.response()
         rid = body.get("rid")
+        self.sim.stats.abort_requests += 1
         flagged = self.sim.abort(None if body.get("abort_all") else str(rid))
         log.info("abort_request %s: %d running request(s) flagged", rid, flagged)
         return web.Response(status=200)
@@ -614,13 +626,13 @@ def build_app(config: SimulatorConfig) -> web.Application:
         web.post("/v1/chat/completions", api.chat_completions),
         web.post("/v1/completions", api.completions),
         web.get("/v1/models", api.models),
-        web.get("/metrics", api.metrics),
-        web.post("/abort_request", api.abort_request),
     ]
-    routes += [web.get(path, api.health) for path in ("/health", "/health_generate")]
-    routes += [web.get(path, api.server_info) for path in ("/get_server_info", "/server_info")]
-    routes += [web.get("/get_load", api.load), web.get("/v1/loads", api.load)]
-    routes += [web.post(path, api.tokenize) for path in ("/v1/tokenize", "/tokenize")]
+    if config.kind == "sglang":
+        routes += [web.get("/metrics", api.metrics), web.post("/abort_request", api.abort_request)]
+        routes += [web.get(path, api.health) for path in ("/health", "/health_generate")]
+        routes += [web.get(path, api.server_info) for path in ("/get_server_info", "/server_info")]
+        routes += [web.get("/get_load", api.load), web.get("/v1/loads", api.load)]
+        routes += [web.post(path, api.tokenize) for path in ("/v1/tokenize", "/tokenize")]
     routes += [web.get("/sim/last_request", api.sim_last_request)]
     routes += [web.get("/sim/stats", api.sim_stats), web.post("/sim/reset", api.sim_reset)]
     app.add_routes(routes)
@@ -631,8 +643,9 @@ def serve(config: SimulatorConfig, host: str, port: int) -> None:
     """Run the simulator on host:port until the process is stopped."""
     app = build_app(config)
     log.info(
-        "SGLang SIMULATOR (no model, no GPU: a canned Korean answer) for %s on http://%s:%d; "
-        "%s tokens/s, TTFT %s ms, context %d, counting with %s",
+        "SGLang SIMULATOR (no model, no GPU: a canned Korean answer) playing %s for %s on "
+        "http://%s:%d; %s tokens/s, TTFT %s ms, context %d, counting with %s%s",
+        config.kind,
         config.model,
         host,
         port,
@@ -640,6 +653,7 @@ def serve(config: SimulatorConfig, host: str, port: int) -> None:
         config.ttft_ms,
         config.context_length,
         app[SIMULATOR_KEY].counter.source,
+        " and its own chat template" if config.chat_template else "",
     )
     # handler_cancellation: a client disconnect cancels the handler, which aborts generation
     # the way SGLang aborts on disconnect. A short shutdown_timeout: streams may be mid-answer.

@@ -1,4 +1,7 @@
-"""Scraping SGLang's own numbers: `/metrics`, `/get_server_info` and `/get_load`.
+"""Scraping the model servers' own numbers: SGLang's `/metrics`, `/get_server_info` and
+`/get_load`; vLLM's `/metrics` (its own names); for servers with neither (llama.cpp, generic
+OpenAI-compatible) only `/v1/models`, which tells that the server is up and what it serves. What
+each kind has is gateway/upstream_kinds.py; a model set to "auto" is detected from /v1/models.
 
 `scrape()` reads one server and never raises: a server that does not answer gives a Sample with
 ok=False and the error. `derived()` turns two stored samples into rates and interval means.
@@ -10,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -19,6 +22,8 @@ import httpx
 from django.conf import settings
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import upstream_kinds
 
 # Per request; a scrape runs every few seconds, so a slow server must not hold it up.
 TIMEOUT_SECONDS = 2.0
@@ -48,6 +53,31 @@ METRIC_FIELDS: dict[str, str] = {
     "sglang:e2e_request_latency_seconds_sum": "e2e_sum",
     "sglang:e2e_request_latency_seconds_count": "e2e_count",
 }
+# vLLM's names for the same numbers (vllm `v1/metrics/loggers.py`; `gpu_cache_usage_perc` and
+# `time_per_output_token_seconds` are the pre-0.9 names of the KV use and the inter-token
+# latency). Prefix-cache hits count tokens, as SGLang's cached tokens do.
+VLLM_METRIC_FIELDS: dict[str, str] = {
+    "vllm:num_requests_running": "running_requests",
+    "vllm:num_requests_waiting": "queued_requests",
+    "vllm:kv_cache_usage_perc": "kv_cache_usage",
+    "vllm:gpu_cache_usage_perc": "kv_cache_usage",
+    "vllm:prompt_tokens_total": "prompt_tokens_total",
+    "vllm:generation_tokens_total": "generation_tokens_total",
+    "vllm:prefix_cache_hits_total": "cached_tokens_total",
+    "vllm:request_success_total": "requests_total",
+    "vllm:time_to_first_token_seconds_sum": "ttft_sum",
+    "vllm:time_to_first_token_seconds_count": "ttft_count",
+    "vllm:inter_token_latency_seconds_sum": "itl_sum",
+    "vllm:inter_token_latency_seconds_count": "itl_count",
+    "vllm:time_per_output_token_seconds_sum": "itl_sum",
+    "vllm:time_per_output_token_seconds_count": "itl_count",
+    "vllm:e2e_request_latency_seconds_sum": "e2e_sum",
+    "vllm:e2e_request_latency_seconds_count": "e2e_count",
+}
+METRIC_NAMES = {upstream_kinds.SGLANG: METRIC_FIELDS, upstream_kinds.VLLM: VLLM_METRIC_FIELDS}
+# Kinds learnt from /v1/models for models set to "auto" (per worker process).
+_detected = upstream_kinds.DetectedKinds()
+
 # Fractions (0–1) per dp rank: a sum over ranks would exceed 1, so these are averaged.
 RATIO_FIELDS = frozenset({"kv_cache_usage", "prefix_cache_hit_rate"})
 # Monotonic totals: a decrease between two samples means the server restarted.
@@ -122,8 +152,10 @@ class ParsedMetrics:
 # --- Parsing ------------------------------------------------------------------------------------
 
 
-def parse_metrics(text: str) -> ParsedMetrics:
-    """SGLang's Prometheus text → Sample field values. Raises ValueError on unparseable text."""
+def parse_metrics(text: str, names: dict[str, str] | None = None) -> ParsedMetrics:
+    """Prometheus text → Sample field values, by `names` (SGLang's by default). Raises
+    ValueError on unparseable text."""
+    names = METRIC_FIELDS if names is None else names
     series: dict[str, list[tuple[dict[str, str], float]]] = {}
     model_names: list[str] = []
     for family in text_string_to_metric_families(text):
@@ -133,13 +165,15 @@ def parse_metrics(text: str) -> ParsedMetrics:
             if model and model not in model_names:
                 model_names.append(model)
             name = sample.name
-            if name in METRIC_FIELDS and math.isfinite(sample.value):
+            if name in names and math.isfinite(sample.value):
                 series.setdefault(name, []).append((sample.labels, float(sample.value)))
     values: dict[str, float] = {}
     for name, found in series.items():
         numbers = [value for _, value in _without_priority_buckets(found)]
-        target = METRIC_FIELDS[name]
-        values[target] = sum(numbers) / len(numbers) if target in RATIO_FIELDS else sum(numbers)
+        target = names[name]
+        value = sum(numbers) / len(numbers) if target in RATIO_FIELDS else sum(numbers)
+        # Two names for one field (a renamed metric): a server reports one of them.
+        values[target] = values.get(target, 0.0) + value
     return ParsedMetrics(values, model_names)
 
 
@@ -240,14 +274,29 @@ def _json(fetched: _Fetched, errors: list[_Fetched]) -> Any:
         return None
 
 
-async def scrape(url: str, client: httpx.AsyncClient) -> Sample:
-    """Read one SGLang server's metrics, server info and load, concurrently. Never raises."""
+async def scrape(url: str, client: httpx.AsyncClient, kind: str = upstream_kinds.SGLANG) -> Sample:
+    """Read one server's metrics (and SGLang's server info and load) concurrently, asking only
+    for what its kind has. Never raises."""
     base = url.rstrip("/")
     sample = Sample(upstream_url=base, scraped_at=timezone.now())
+    known = _detected.kind(base, kind)
+    models: Any = None
+    if known is None:  # "auto", not detected yet: /v1/models tells
+        fetched = await _fetch(client, base, (upstream_kinds.MODELS_PATH,))
+        models = _json(fetched, [])
+        if fetched.response is None or models is None:
+            sample.ok = False
+            sample.error = (fetched.error or "/v1/models: not JSON")[:ERROR_MAX_CHARS]
+            return sample
+        known = upstream_kinds.kind_from_models(models)
+        _detected.learn(base, known)
+    traits = upstream_kinds.traits(known)
+    if not traits.metrics:
+        return await _scrape_models_only(base, client, sample, models)
     metrics, info, load = await asyncio.gather(
         _fetch(client, base, METRICS_PATHS),
-        _fetch(client, base, SERVER_INFO_PATHS),
-        _fetch(client, base, LOAD_PATHS),
+        _fetch(client, base, SERVER_INFO_PATHS) if traits.native_load else _nothing(),
+        _fetch(client, base, LOAD_PATHS) if traits.native_load else _nothing(),
     )
     errors: list[_Fetched] = []
     parsed = ParsedMetrics({}, [])
@@ -255,12 +304,13 @@ async def scrape(url: str, client: httpx.AsyncClient) -> Sample:
         errors.append(metrics)
     else:
         try:
-            parsed = parse_metrics(metrics.response.text)
+            parsed = parse_metrics(metrics.response.text, METRIC_NAMES[traits.metrics])
         except Exception as exc:  # the parser raises ValueError, and sometimes others
             message = f"unparseable: {_describe(exc)}"
             errors.append(_Fetched(error=f"/metrics: {message}", message=message))
-    sample.server_info = pick_server_info(_json(info, errors))
-    sample.load = pick_load(_json(load, errors))
+    if traits.native_load:
+        sample.server_info = pick_server_info(_json(info, errors))
+        sample.load = pick_load(_json(load, errors))
     for name, value in parsed.values.items():
         setattr(sample, name, value)
     served = sample.server_info.get("served_model_name")
@@ -268,6 +318,25 @@ async def scrape(url: str, client: httpx.AsyncClient) -> Sample:
     sample.model_name = ", ".join(names)[:MODEL_NAME_MAX_CHARS]
     # Reachable when anything answered; what did not is still told in `error`.
     sample.ok = any(f.response is not None for f in (metrics, info, load))
+    sample.error = _join_errors(errors)
+    return sample
+
+
+async def _nothing() -> _Fetched:
+    return _Fetched()
+
+
+async def _scrape_models_only(
+    base: str, client: httpx.AsyncClient, sample: Sample, models: Any = None
+) -> Sample:
+    """A server without metrics: up or down, and the models it serves (`models`: /v1/models'
+    answer when detection has just read it)."""
+    errors: list[_Fetched] = []
+    if models is None:
+        fetched = await _fetch(client, base, (upstream_kinds.MODELS_PATH,))
+        models = _json(fetched, errors)
+        sample.ok = fetched.response is not None
+    sample.model_name = ", ".join(upstream_kinds.model_ids(models))[:MODEL_NAME_MAX_CHARS]
     sample.error = _join_errors(errors)
     return sample
 
@@ -281,20 +350,38 @@ def _join_errors(errors: list[_Fetched]) -> str:
     return text[:ERROR_MAX_CHARS]
 
 
-async def scrape_all(urls: Iterable[str]) -> list[Sample]:
-    """Scrape every server concurrently with one client."""
+async def scrape_all(targets: Iterable[str] | Mapping[str, str]) -> list[Sample]:
+    """Scrape every server concurrently with one client; `targets`: URLs (SGLang) or
+    {URL: kind}."""
+    kinds = dict(targets) if isinstance(targets, Mapping) else dict.fromkeys(targets, "sglang")
     async with httpx.AsyncClient(timeout=TIMEOUT_SECONDS, trust_env=False) as client:
-        return list(await asyncio.gather(*(scrape(url, client) for url in urls)))
+        return list(
+            await asyncio.gather(*(scrape(url, client, kind) for url, kind in kinds.items()))
+        )
 
 
 def upstream_urls() -> list[str]:
     """Every distinct upstream of the active served models; SGLANG_URL when there are none."""
+    return list(upstream_targets())
+
+
+def upstream_targets() -> dict[str, str]:
+    """{upstream URL: configured kind} of the active served models; SGLANG_URL ("auto") when
+    there are none."""
     from gateway.models import ServedModel
 
     default = settings.SGLANG_URL.rstrip("/")
-    found = ServedModel.objects.filter(is_active=True).values_list("upstream_url", flat=True)
-    urls = dict.fromkeys((url or default).rstrip("/") for url in found)
-    return list(urls) or [default]
+    rows = ServedModel.objects.filter(is_active=True).values_list("upstream_url", "upstream_kind")
+    models = [
+        _Target((url or default).rstrip("/"), kind or upstream_kinds.AUTO) for url, kind in rows
+    ]
+    return upstream_kinds.upstreams(models) or {default: upstream_kinds.AUTO}
+
+
+@dataclass(frozen=True)
+class _Target:
+    upstream_url: str
+    upstream_kind: str
 
 
 # --- Rates between two samples -------------------------------------------------------------------

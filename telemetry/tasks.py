@@ -15,7 +15,7 @@ def scrape_sglang() -> int:
     """Scrape every distinct upstream of the active served models once; returns how many."""
     from telemetry import services, sglang
 
-    samples = asyncio.run(sglang.scrape_all(sglang.upstream_urls()))
+    samples = asyncio.run(sglang.scrape_all(sglang.upstream_targets()))
     recorded = services.record_samples(samples)
     publish_sglang(samples)
     return len(recorded)

@@ -111,6 +111,11 @@ def private_redis_prefix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     # Periodic tasks run when a test says so, not on a gateway's timer.
     os.environ["EMBEDDED_BEAT"] = "0"
     settings.EMBEDDED_BEAT = False
+    # Likewise the tokenizer self-check's probes: they would land in the simulator's
+    # /sim/last_request and request counts that tests read (tests/gateway/test_self_check.py
+    # turns it on).
+    os.environ["GATEWAY_SELF_CHECK"] = "0"
+    settings.GATEWAY_SELF_CHECK = False
     # Spooled usage events of this run only (a spool outlives its processes by design).
     spool = tmp_path_factory.mktemp("ledger-spool")
     os.environ["LEDGER_SPOOL_DIR"] = str(spool)

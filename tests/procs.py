@@ -76,14 +76,19 @@ def running(
 
 @contextmanager
 def simulator(
-    model: str = "Qwen/Qwen2.5-7B-Instruct", tokens_per_second: float = 2000.0, ttft_ms: float = 5.0
+    model: str = "Qwen/Qwen2.5-7B-Instruct",
+    tokens_per_second: float = 2000.0,
+    ttft_ms: float = 5.0,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[str]:
+    """`extra`: more options, e.g. ("--kind", "openai-generic") for a server without /health."""
     port = free_port()
     args = [
         "manage.py", "simulate_sglang", "--host", "127.0.0.1", "--port", str(port),
         "--model", model, "--tokens-per-second", str(tokens_per_second), "--ttft-ms", str(ttft_ms),
+        *extra,
     ]  # fmt: skip
-    with running(args, f"http://127.0.0.1:{port}/health"):
+    with running(args, f"http://127.0.0.1:{port}/v1/models"):
         yield f"http://127.0.0.1:{port}"
 
 

@@ -19,10 +19,11 @@ EN = {"accept-language": "en"}
 PLAN_LIST_QUERIES = 5
 # session, user, the plan.
 PLAN_PAGE_QUERIES = 3
-# session, user, the count, the full count, the page (reconciliation as subqueries).
+# session, user, the count, the full count, the page (reconciliation and the latest self-check
+# as subqueries).
 MODEL_LIST_QUERIES = 5
-# session, user, the model (with its reconciliation subqueries).
-MODEL_PAGE_QUERIES = 3
+# session, user, the model (with its reconciliation subqueries), its self-check history.
+MODEL_PAGE_QUERIES = 4
 
 
 @pytest.mark.parametrize("count", [1, 30])

@@ -242,8 +242,15 @@ def test_served_model_aliases_and_adapters_round_trip(admin_client: Client) -> N
     page = admin_client.get(url).content.decode()
     assert "a1\na2</textarea>" in page and "law</textarea>" in page
     form = admin_client.get(url).context["adminform"].form
-    data = {n: form[n].value() for n in form.fields if form[n].value() not in (None, False)}
+    # `is not`: a value of 0 (the prompt token offset) must be posted; 0 == False.
+    data = {
+        n: form[n].value()
+        for n in form.fields
+        if form[n].value() is not None and form[n].value() is not False
+    }
     data.update({"aliases": "a1\n\na3\n", "lora_adapters": "law\nmed\n", "korean_factor": ""})
+    # The self-check history inline (read-only) still posts its management form.
+    data.update({"tokenizer_checks-TOTAL_FORMS": "0", "tokenizer_checks-INITIAL_FORMS": "0"})
 
     response = admin_client.post(url, data)
 
