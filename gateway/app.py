@@ -46,7 +46,7 @@ from gateway.proxy import Call, Proxy
 from gateway.request_schema import CHAT, COMPLETIONS, TOKENIZE, Context, require_model, validate
 from gateway.self_check import SelfChecker
 from gateway.stats import StatsPublisher
-from gateway.upstream import Upstream
+from gateway.upstream import Upstream, tokenize_upstream
 from gateway.upstream_kinds import DetectedKinds
 from quotas.request_policy import model_allowed
 from quotas.services import KeyGrant
@@ -442,6 +442,8 @@ class Gateway:
             result = await self.counters.prepare(
                 request.size, grant.user_id, tokenize, counter, valid.fields, model.context_length
             )
+            if result.get("estimated"):
+                result = await self._tokenized_upstream(model, valid.fields) or result
             # Counted, never billed: the count is the gateway's own (estimated_prompt_tokens).
             facts.prompt_tokens, outcome = result["count"], Outcome(status=200)
             headers = ratelimit_headers(decision.state) if decision is not None else []
@@ -452,6 +454,25 @@ class Gateway:
         finally:
             await self.limits.settle(grant, request_id, 0)
             self.ledger.record(usage_row(facts, outcome))
+
+    async def _tokenized_upstream(
+        self, model: ModelInfo, fields: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """A prompt the gateway can only estimate, tokenized by an upstream that can (SGLang,
+        vLLM): exact ids for the client, at the cost of one upstream call. Chat messages are
+        not passed on: the upstream's tokenize routes differ in what they accept for them."""
+        kind = self.kinds.kind(model.upstream_url, model.upstream_kind)
+        path = upstream_kinds.traits(kind).tokenize_path if kind is not None else ""
+        prompt = fields.get("prompt")
+        if not path or not isinstance(prompt, str):
+            return None
+        tokens = await tokenize_upstream(
+            self.upstream.session(), f"{model.upstream_url}{path}", model.name, prompt,
+            bool(fields.get("add_special_tokens", True)),
+        )  # fmt: skip
+        if tokens is None:
+            return None
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": model.context_length}
 
     async def serve_metrics(self, scope: AsgiScope, receive: Receive, out: Responder) -> None:
         if not monitoring.is_monitoring(scope):

@@ -71,3 +71,29 @@ def timed_out(url: str) -> GatewayError:
         type_="upstream_error",
         code="upstream_timeout",
     )
+
+
+TOKENIZE_TIMEOUT_SECONDS = 5.0
+
+
+async def tokenize_upstream(
+    session: aiohttp.ClientSession, url: str, model: str, prompt: str, add_special_tokens: bool
+) -> list[int] | None:
+    """The upstream's own token ids for `prompt` (SGLang's /v1/tokenize, vLLM's /tokenize: both
+    take {model, prompt, add_special_tokens} and answer {tokens, count, …}), for a model the
+    gateway can only estimate. None when it did not answer usable ids."""
+    body = {"model": model, "prompt": prompt, "add_special_tokens": add_special_tokens}
+    try:
+        timeout = aiohttp.ClientTimeout(total=TOKENIZE_TIMEOUT_SECONDS)
+        async with session.post(url, json=body, timeout=timeout) as response:
+            if response.status != 200:
+                return None
+            payload = await response.json(content_type=None)
+    except (TimeoutError, aiohttp.ClientError, ValueError):
+        return None
+    tokens = payload.get("tokens") if isinstance(payload, dict) else None
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in tokens
+    ):
+        return None
+    return tokens

@@ -20,10 +20,12 @@ from tests.gateway.conftest import (
     make_user,
 )
 from tests.procs import free_port, ledger_worker, running, simulator
+from tokenlimit.tokens import get_counter
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 GENERIC = "gemma-ko"  # no tokenizer the gateway can find: it estimates
+ESTIMATED_ON_SGLANG = "gemma-sglang"  # the same, on a server that can tokenize
 SGLANG = "Qwen/Qwen2.5-7B-Instruct"
 KOREAN = [{"role": "user", "content": "한국의 전통 음식 세 가지를 간단히 소개해 주세요."}]
 
@@ -65,12 +67,16 @@ def site(django_db_setup: None, django_db_blocker: Any) -> Iterator[Site]:
             )
         )  # fmt: skip
         sglang = stack.enter_context(simulator(SGLANG, tokens_per_second=20, ttft_ms=0))
+        tokenizing = stack.enter_context(
+            simulator(ESTIMATED_ON_SGLANG, 0, 0, extra=("--tokenizer", qwen))
+        )
         with django_db_blocker.unblock():
-            ServedModel.objects.update_or_create(
-                name=GENERIC, defaults={"upstream_url": generic}
-            )
+            ServedModel.objects.update_or_create(name=GENERIC, defaults={"upstream_url": generic})
             ServedModel.objects.update_or_create(
                 name=SGLANG, defaults={"upstream_url": sglang, "upstream_kind": "sglang"}
+            )
+            ServedModel.objects.update_or_create(
+                name=ESTIMATED_ON_SGLANG, defaults={"upstream_url": tokenizing}
             )
             user, key = make_user("범용서버")
             database_url = database_url_for_subprocess()
@@ -93,7 +99,7 @@ def site(django_db_setup: None, django_db_blocker: Any) -> Iterator[Site]:
             {"generic": generic, "sglang": sglang}, django_db_blocker,
         )  # fmt: skip
     with django_db_blocker.unblock():
-        ServedModel.objects.filter(name__in=[GENERIC, SGLANG]).delete()
+        ServedModel.objects.filter(name__in=[GENERIC, SGLANG, ESTIMATED_ON_SGLANG]).delete()
         user.delete()
 
 
@@ -183,3 +189,27 @@ def test_a_client_leaving_an_sglang_stream_is_aborted_by_rid_too(site: Site) -> 
             break
         time.sleep(0.1)
     assert stats["abort_requests"] == 1 and stats["aborted"] == 1
+
+
+def tokenize(site: Site, model: str, prompt: str) -> dict[str, Any]:
+    response = httpx.post(
+        f"{site.url}/v1/tokenize",
+        json={"model": model, "prompt": prompt},
+        headers={"Authorization": f"Bearer {site.key}"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def test_tokenize_asks_an_upstream_that_can_when_the_gateway_only_estimates(site: Site) -> None:
+    from tokenlimit.tokens import qwen_tokenizer_dir
+
+    ready(site)  # the "auto" upstream's kind is known
+    exact = get_counter("x", str(qwen_tokenizer_dir())).encode("대한민국의 수도는", True)
+
+    from_sglang = tokenize(site, ESTIMATED_ON_SGLANG, "대한민국의 수도는")
+    assert from_sglang == {"tokens": exact, "count": len(exact), "max_model_len": 32768}
+
+    estimated = tokenize(site, GENERIC, "대한민국의 수도는")  # a server without /v1/tokenize
+    assert estimated["estimated"] is True and estimated["tokens"] == []
