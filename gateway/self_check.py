@@ -44,6 +44,7 @@ from tokenlimit.tokens import TokenCounter, get_counter
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_SECONDS = 30.0
+RETRY_FAILED_SECONDS = 60.0
 _WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -202,14 +203,17 @@ class SelfChecker:
         self.results: dict[str, CheckResult] = {}
         self._checked: dict[str, tuple[Any, ...]] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._retry_at: dict[str, float] = {}
         self._record = record or record_result
 
     def on_catalog(self, models: tuple[ModelInfo, ...]) -> None:
         """Called on every catalog load (inside the event loop): check what changed."""
         if not settings.GATEWAY_SELF_CHECK:
             return
+        now = time.monotonic()
         for model in models:
-            if self._checked.get(model.name) != signature(model):
+            changed = self._checked.get(model.name) != signature(model)
+            if changed or self._retry_at.get(model.name, float("inf")) <= now:
                 self.schedule(model)
 
     def due(self, models: tuple[ModelInfo, ...]) -> None:
@@ -222,6 +226,7 @@ class SelfChecker:
         if running is not None and not running.done():
             return
         self._checked[model.name] = signature(model)
+        self._retry_at.pop(model.name, None)
         self._running[model.name] = asyncio.ensure_future(self.run(model))
 
     async def run(self, model: ModelInfo) -> None:
@@ -231,6 +236,9 @@ class SelfChecker:
             self.results[model.name] = result
             if result.outcome in ("mismatch", "failed"):
                 log.warning("tokenizer self-check for %s: %s", model.name, result.detail)
+            if result.outcome == "failed":
+                # The upstream was not answering (starting, down): try again soon, not in an hour.
+                self._retry_at[model.name] = time.monotonic() + RETRY_FAILED_SECONDS
             await self._record(result, model)
         except Exception:
             log.exception("tokenizer self-check for %s failed", model.name)

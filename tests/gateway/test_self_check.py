@@ -248,3 +248,52 @@ def test_a_constant_difference_is_learnt_as_an_offset_when_allowed(site: Site) -
     answer = client.chat.completions.create(model=PREFIXED, messages=messages, max_tokens=4)
     own = get_counter(PREFIXED, chat_template=qwen3_template()).count_chat(messages)
     assert answer.usage is not None and answer.usage.prompt_tokens == own + offset
+
+
+def test_checks_run_on_start_on_change_and_again_soon_after_a_failure(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import dataclasses
+
+    from gateway import self_check
+    from gateway.caches import ModelInfo
+
+    settings.GATEWAY_SELF_CHECK = True
+    outcomes = ["failed", "ok", "ok"]
+    checked: list[int] = []
+
+    async def fake_check(session: Any, model: ModelInfo, counter: Any) -> CheckResult:
+        checked.append(model.prompt_token_offset)
+        return CheckResult(model.name, outcomes[len(checked) - 1], "x")
+
+    async def no_record(result: CheckResult, model: ModelInfo) -> None:
+        return None
+
+    class Counters:
+        async def get(self, model: ModelInfo) -> Any:
+            return EXACT
+
+    class Upstream:
+        def session(self) -> Any:
+            return None
+
+    monkeypatch.setattr(self_check, "check_model", fake_check)
+    monkeypatch.setattr(self_check, "RETRY_FAILED_SECONDS", 0.0)
+    model = ModelInfo("m", (), "http://up", "", 32768, None, 300.0)
+
+    async def scenario() -> None:
+        checker = self_check.SelfChecker(Counters(), Upstream(), no_record)  # type: ignore[arg-type]
+
+        async def catalog(*models: ModelInfo) -> None:
+            checker.on_catalog(models)
+            await asyncio.gather(*checker._running.values())
+
+        await catalog(model)  # start-up: checked; the upstream did not answer
+        await catalog(model)  # retried (RETRY_FAILED_SECONDS is 0 here): ok
+        await catalog(model)  # ok and unchanged: nothing
+        await catalog(dataclasses.replace(model, prompt_token_offset=5))  # changed: checked
+        assert checker.results["m"].outcome == "ok"
+
+    asyncio.run(scenario())
+    assert checked == [0, 0, 5]
