@@ -17,6 +17,7 @@ from django.utils.translation import gettext_lazy as _
 from accounts.admin import AuditedAdmin, acting_user
 from accounts.admin_forms import LinesField
 from accounts.models import AuditAction
+from gateway.caches import fit_pairs
 from gateway.models import ServedModel, TokenizerCheck
 from gateway.self_check import check_now
 from gateway.services import (
@@ -172,7 +173,13 @@ class ServedModelAdmin(AuditedAdmin):
 
     @admin.display(description=_("token counter"))
     def token_counter(self, model: ServedModel) -> str:
-        counter = get_counter(model.name, model.tokenizer, model.korean_factor)
+        counter = get_counter(
+            model.name,
+            model.tokenizer,
+            model.korean_factor,
+            chat_template=model.chat_template,
+            estimator_fit=fit_pairs(model.estimator_fit),
+        )
         return counter.source
 
     @admin.display(description=_("prompt counts vs upstream (7 days)"))

@@ -91,7 +91,7 @@ class Gateway:
         self._detecting: dict[str, asyncio.Future[None]] = {}
         self.readiness = Readiness(
             self.catalog, self.upstream, self.ledger, lambda: self.stats.in_flight,
-            self.counters.source, self.kinds, self._self_check_summary,
+            self.counters.source, self.kinds, self._self_check_summary, self.counters.problem,
         )  # fmt: skip
         self.beat = embedded_beat()
         self._warm_up: asyncio.Future[None] | None = None

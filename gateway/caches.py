@@ -209,11 +209,11 @@ def model_info(row: dict[str, Any], default_upstream: str) -> ModelInfo:
         chat_template=row["chat_template"],
         prompt_token_offset=row["prompt_token_offset"],
         correct_offset_automatically=row["correct_offset_automatically"],
-        estimator_fit=_fit_pairs(row["estimator_fit"]),
+        estimator_fit=fit_pairs(row["estimator_fit"]),
     )
 
 
-def _fit_pairs(fit: Any) -> tuple[tuple[str, float], ...]:
+def fit_pairs(fit: Any) -> tuple[tuple[str, float], ...]:
     if not isinstance(fit, dict):
         return ()
     return tuple(sorted((str(k), float(v)) for k, v in fit.items() if isinstance(v, int | float)))

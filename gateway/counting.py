@@ -196,6 +196,10 @@ class Counters:
         counter = self._ready.get(counting_key(model))
         return counter.source if counter is not None else "loading"
 
+    def problem(self, model: ModelInfo) -> str:
+        """What is wrong with the model's counting ("" when nothing, or not loaded yet)."""
+        return str(getattr(self._ready.get(counting_key(model)), "problem", ""))
+
     async def get(self, model: ModelInfo) -> TokenCounter:
         counter = self._ready.get(counting_key(model))
         if counter is not None:

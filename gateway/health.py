@@ -50,6 +50,7 @@ class Readiness:
     kinds: DetectedKinds = field(default_factory=DetectedKinds)
     # The latest tokenizer self-check per model name (gateway/self_check.py), as shown here.
     self_check: Callable[[str], dict[str, Any] | None] = lambda name: None
+    counter_problem: Callable[[ModelInfo], str] = lambda model: ""
 
     def __post_init__(self) -> None:
         self._report: dict[str, Any] | None = None
@@ -121,6 +122,9 @@ class Readiness:
             "token_counter": self.token_counter(model),
             "prompt_token_offset": model.prompt_token_offset,
         }
+        problem = self.counter_problem(model)
+        if problem:
+            entry["token_counter_problem"] = problem
         check = self.self_check(model.name)
         if check is not None:
             entry["self_check"] = check

