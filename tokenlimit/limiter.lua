@@ -7,7 +7,9 @@
 --       entries), A (hash: entry amounts "m:<id>"/"h:<id>", totals "tm"/"th", reservations
 --       "x:<rid>" = "<tokens>|<day>"), D (day counter), P (zset: leases), C (cooldown end)
 -- ARGV: op, now, rid, tokens, lease, day name, seconds until day ends, scope count,
---       then per scope: rpm, tpm, tph, tpd, parallel, cooldown seconds
+--       then per scope: rpm, tpm, tph, tpd, parallel, cooldown seconds,
+--       then admit's floor (0: reserve exactly `tokens`; above 0: reserve what the token
+--       windows still allow, at most `tokens`, at least the floor; see Backend.admit)
 
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -221,8 +223,22 @@ end
 local STARTS_COOLDOWN = {requests = true, tokens = true, tokens_per_hour = true,
                          parallel_requests = true}
 
+-- The tokens every scope's token windows still allow (after `prepare`).
+local function room(k, l, r)
+  if l.tpm > 0 then r = math.min(r, l.tpm - num(redis.call('HGET', k.A, 'tm'))) end
+  if l.tph > 0 then r = math.min(r, l.tph - num(redis.call('HGET', k.A, 'th'))) end
+  if l.tpd > 0 then r = math.min(r, l.tpd - num(redis.call('GET', k.D))) end
+  return r
+end
+
 if op == 'admit' then
   for i = 1, nscopes do prepare(scope_keys(i)) end
+  local floor = num(ARGV[9 + 6 * nscopes])
+  if floor > 0 then
+    local r = tokens
+    for i = 1, nscopes do r = room(scope_keys(i), scope_limits(i), r) end
+    tokens = math.max(r, floor)
+  end
   for i = 1, nscopes do
     local k, l = scope_keys(i), scope_limits(i)
     local refusal = check(k, l)

@@ -178,8 +178,20 @@ def remaining(limit: int, used: int) -> int:
 
 class Backend(Protocol):
     async def admit(
-        self, scopes: list[Scope], rid: str, tokens: int, now: float, lease: float, day: Day
-    ) -> Decision: ...
+        self,
+        scopes: list[Scope],
+        rid: str,
+        tokens: int,
+        now: float,
+        lease: float,
+        day: Day,
+        floor: int = 0,
+    ) -> Decision:
+        """Reserve `tokens` in every scope, or refuse. With a `floor` (a request whose client
+        set no maximum: gateway/app.py) reserve what the token windows still allow, at most
+        `tokens` and at least `floor`, in the same atomic step; Decision.requested says how
+        much."""
+        ...
 
     async def settle(
         self, scopes: list[Scope], rid: str, tokens: int, now: float, day: Day

@@ -91,6 +91,9 @@ class ScopeState:
     cooldown_until: float = 0.0
 
 
+MAX_ROOM = 2**53  # no token window: no bound from this scope
+
+
 class MemoryBackend:
     def __init__(self) -> None:
         self.scopes: dict[str, ScopeState] = {}
@@ -111,15 +114,32 @@ class MemoryBackend:
         return state
 
     async def admit(
-        self, scopes: list[Scope], rid: str, tokens: int, now: float, lease: float, day: Day
+        self,
+        scopes: list[Scope],
+        rid: str,
+        tokens: int,
+        now: float,
+        lease: float,
+        day: Day,
+        floor: int = 0,
     ) -> Decision:
         with self._lock:
-            return self._admit(scopes, rid, tokens, now, lease, day)
+            return self._admit(scopes, rid, tokens, now, lease, day, floor)
 
     def _admit(
-        self, scopes: list[Scope], rid: str, tokens: int, now: float, lease: float, day: Day
+        self,
+        scopes: list[Scope],
+        rid: str,
+        tokens: int,
+        now: float,
+        lease: float,
+        day: Day,
+        floor: int = 0,
     ) -> Decision:
         states = [self._state(scope, now, day) for scope in scopes]
+        if floor > 0:
+            rooms = [_room(scope, state) for scope, state in zip(scopes, states, strict=True)]
+            tokens = max(min(tokens, *rooms), floor)
         for scope, state in zip(scopes, states, strict=True):
             refusal = _check(scope, state, tokens, now, day)
             if refusal is not None:
@@ -276,6 +296,19 @@ class _LogView:
             return total, 0.0
         newest = next(reversed(self.log.entries.values()))[0]
         return total, newest + self.log.window - now
+
+
+def _room(scope: Scope, state: ScopeState) -> int:
+    """The tokens the scope's token windows still allow (limiter.lua's `room`)."""
+    limits, room = scope.limits, MAX_ROOM
+    for limit, used in (
+        (limits.tokens_per_minute, state.minute.total),
+        (limits.tokens_per_hour, state.hour.total),
+        (limits.tokens_per_day, state.day_total),
+    ):
+        if limit:
+            room = min(room, limit - used)
+    return room
 
 
 def _check(scope: Scope, state: ScopeState, tokens: int, now: float, day: Day) -> Decision | None:

@@ -73,12 +73,14 @@ def script_call(
     lease: float,
     day: Day,
     prefix: str,
+    floor: int = 0,
 ) -> tuple[list[str], list[Any]]:
-    """limiter.lua's KEYS and ARGV for one operation."""
+    """limiter.lua's KEYS and ARGV for one operation (`floor`: admit's, after the scopes)."""
     keys = [k for scope in scopes for k in scope_keys(scope, day, prefix)]
     args: list[Any] = [op, repr(now), rid, tokens, repr(lease), day.name, repr(day.ends_in)]
     args.append(len(scopes))
     args.extend(a for scope in scopes for a in scope_args(scope))
+    args.append(floor)
     return keys, args
 
 
@@ -117,17 +119,25 @@ class RedisBackend:
         now: float,
         lease: float,
         day: Day,
+        floor: int = 0,
     ) -> Any:
-        keys, args = script_call(scopes, op, rid, tokens, now, lease, day, self.prefix)
+        keys, args = script_call(scopes, op, rid, tokens, now, lease, day, self.prefix, floor)
         try:
             return await asyncio.wait_for(self.script(keys=keys, args=args), self.deadline)
         except (RedisError, OSError, TimeoutError) as exc:
             raise LimiterUnavailable(f"{exc.__class__.__name__}: {exc}") from exc
 
     async def admit(
-        self, scopes: list[Scope], rid: str, tokens: int, now: float, lease: float, day: Day
+        self,
+        scopes: list[Scope],
+        rid: str,
+        tokens: int,
+        now: float,
+        lease: float,
+        day: Day,
+        floor: int = 0,
     ) -> Decision:
-        raw = await self._run(scopes, "admit", rid, tokens, now, lease, day)
+        raw = await self._run(scopes, "admit", rid, tokens, now, lease, day, floor)
         head, per_scope = raw[:6], raw[6:]
         states = [_state(scope, per_scope[i * 8 : i * 8 + 8]) for i, scope in enumerate(scopes)]
         return Decision(
