@@ -41,7 +41,7 @@ from gateway.errors import GatewayError, invalid
 from gateway.health import LIVE, Readiness
 from gateway.ledger import LedgerWriter, Outcome, RequestFacts, usage_row
 from gateway.limits import GatewayLimiter, shared_backend
-from gateway.preparation import Prepared, UpstreamTarget, prepare, tokenize
+from gateway.preparation import Prepared, UpstreamTarget, prepare, tokenize, upstream_body
 from gateway.proxy import Call, Proxy
 from gateway.request_schema import CHAT, COMPLETIONS, TOKENIZE, Context, require_model, validate
 from gateway.self_check import SelfChecker
@@ -362,19 +362,35 @@ class Gateway:
         requested, model, prepared = await self._prepare(
             scope, receive, grant, endpoint, request_id
         )
-        reserved = prepared.budget.reserved
-        decision = await self.limits.admit(grant, request_id, reserved, requested)
+        budget = prepared.budget
+        floor = prepared.flexible_floor(settings.LIMITER_MIN_COMPLETION_TOKENS)
+        decision = await self.limits.admit(grant, request_id, budget.reserved, requested, floor)
+        reserved = decision.requested if decision is not None and floor else budget.reserved
+        headers = ratelimit_headers(decision.state) if decision is not None else []
+        body = prepared.upstream_body
+        if budget.forced_max is not None:
+            # No max_tokens from the client: the gateway chose one (README, "max_tokens").
+            chosen, reason = budget.forced_max, b"default"
+            if reserved < budget.reserved:  # what the windows still allowed
+                chosen, reason = prepared.per_choice_within(reserved), b"limit"
+                body = await self.counters.run(
+                    grant.user_id, len(body), upstream_body, prepared.valid, prepared.target, chosen
+                )
+            headers += [
+                (b"x-gateway-max-tokens", str(chosen).encode()),
+                (b"x-gateway-max-tokens-reason", reason),
+            ]
         return Call(
             request_id=request_id,
             grant=grant,
             model=model,
             endpoint=endpoint,
-            upstream_body=prepared.upstream_body,
+            upstream_body=body,
             streamed=prepared.valid.stream,
             client_wants_usage=prepared.valid.client_wants_usage,
             prompt_count=prepared.prompt_tokens,
             reserved=reserved,
-            headers=ratelimit_headers(decision.state) if decision is not None else [],
+            headers=headers,
         )
 
     async def _resolve(

@@ -168,17 +168,21 @@ class GatewayLimiter:
             scopes.append(key_scope(grant.user_id, grant.key_id, grant.key_limits))
         return scopes
 
-    async def admit(self, grant: KeyGrant, rid: str, tokens: int, model: str) -> Decision | None:
-        """The decision (None when Redis is down and the policy is `open`); raises a 429/503."""
+    async def admit(
+        self, grant: KeyGrant, rid: str, tokens: int, model: str, floor: int = 0
+    ) -> Decision | None:
+        """The decision (None when Redis is down and the policy is `open`); raises a 429/503.
+        `floor` > 0: reserve what the windows allow between it and `tokens` (Backend.admit)."""
         scopes = self.scopes(grant)
         now = self.clock()
         # Lua numbers are doubles and HINCRBY takes 64-bit integers: no reservation may near
         # either edge (requests are bounded far below this; this only guards the invariant).
         tokens = min(max(tokens, 0), MAX_RESERVATION)
+        floor = min(max(floor, 0), tokens)
         try:
             with metrics.LIMITER_SECONDS.time():
                 decision = await self.backend.admit(
-                    scopes, rid, tokens, now, self.lease, Day.at(now, self.zone)
+                    scopes, rid, tokens, now, self.lease, Day.at(now, self.zone), floor
                 )
         except LimiterUnavailable as exc:
             if self.fail_open:

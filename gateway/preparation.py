@@ -41,6 +41,21 @@ class Prepared:
     prompt_tokens: int
     budget: CompletionBudget
     upstream_body: bytes
+    target: UpstreamTarget
+
+    def flexible_floor(self, least_completion: int) -> int:
+        """For a request without a maximum (the gateway picks max_tokens): the least the
+        limiter may reserve, the prompt plus `least_completion` tokens a choice (min_tokens if
+        more, never more than the default); 0 when the client set its maximum."""
+        budget = self.budget
+        if budget.forced_max is None:
+            return 0
+        least = min(max(self.valid.min_tokens, least_completion, 1), budget.per_choice)
+        return self.prompt_tokens + self.valid.choices * least
+
+    def per_choice_within(self, reserved: int) -> int:
+        """max_tokens a choice gets from a reservation smaller than the budget."""
+        return max((reserved - self.prompt_tokens) // max(self.valid.choices, 1), 1)
 
 
 def prepare(
@@ -68,7 +83,7 @@ def prepare(
         context_length=context_length,
         default_max=default_max,
     )
-    return Prepared(valid, prompt, budget, upstream_body(valid, target, budget.forced_max))
+    return Prepared(valid, prompt, budget, upstream_body(valid, target, budget.forced_max), target)
 
 
 def upstream_body(valid: ValidRequest, target: UpstreamTarget, forced_max: int | None) -> bytes:

@@ -478,6 +478,9 @@ else:
 LIMITER_LEASE_SECONDS = env_float("LIMITER_LEASE_SECONDS", 60.0, minimum=1.0)
 # Reserved for the completion when a request sets no max_tokens (capped by remaining context).
 LIMITER_DEFAULT_MAX_TOKENS = env_int("LIMITER_DEFAULT_MAX_TOKENS", 4096, minimum=1)
+# ...unless the user's windows allow less: then what they allow, down to this many tokens a
+# choice (below it, a 429 with the time until that much is free), sent upstream as max_tokens.
+LIMITER_MIN_COMPLETION_TOKENS = env_int("LIMITER_MIN_COMPLETION_TOKENS", 16, minimum=1)
 
 LOGGING = {
     "version": 1,
