@@ -18,7 +18,8 @@ from accounts.admin import AuditedAdmin, acting_user
 from accounts.admin_forms import LinesField
 from accounts.models import AuditAction
 from gateway.caches import fit_pairs
-from gateway.models import ServedModel, TokenizerCheck
+from gateway.config_import import KIND_NAMES
+from gateway.models import ConfigImport, ServedModel, TokenizerCheck
 from gateway.self_check import check_now
 from gateway.services import (
     delete_served_model,
@@ -230,3 +231,24 @@ admin.site.unregister(UsageRecord)
 @admin.register(UsageRecord)
 class UsageRecordAdmin(quotas_admin.UsageRecordAdmin):
     list_filter = (ServedModelFilter, *quotas_admin.UsageRecordAdmin.list_filter)  # type: ignore[assignment]
+
+
+@admin.register(ConfigImport)
+class ConfigImportAdmin(admin.ModelAdmin):
+    """What `manage.py import_config` manages, read-only: the file and the values it set last
+    (an edit in the admin is kept over a re-import and reported: gateway/config_state.py)."""
+
+    list_display = ("kind_shown", "name", "file", "imported_at")
+    list_filter = ("kind", "file")
+    search_fields = ("name", "file")
+    readonly_fields = ("kind", "name", "file", "values", "imported_at")
+
+    @admin.display(description=_("kind"), ordering="kind")
+    def kind_shown(self, row: ConfigImport) -> str:
+        return str(KIND_NAMES.get(row.kind, row.kind))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -2,10 +2,12 @@
 
 Every file is read and checked before the database is touched; then all of them are applied in
 one transaction, the server file first, because its default_limits are what users without a
-`tph` inherit. A file is the truth for every field its format has: a field left out of a user
-entry goes back to the plan's value. What the formats do not have (max_parallel_requests,
-allowed models, whether a model is active) stays as the admin set it. Re-importing an unchanged
-file writes nothing.
+`tph` inherit. A file sets every field its format has (a field left out of a user entry means
+the plan's value), but never silently over an operator's edit: a value changed in the admin
+since the last import is kept and reported as a conflict unless `--file-wins`
+(gateway/config_state.py). What the formats do not have (max_parallel_requests, allowed models,
+whether a model is active) stays as the admin set it. Re-importing an unchanged file writes
+nothing.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from django.utils.translation import gettext_lazy as _
 from accounts import services as accounts
 from accounts.models import ApiKey
 from gateway import services as served_models
+from gateway.config_state import ConfigState
 from gateway.models import ServedModel
 from quotas import services as quotas
-from quotas.models import Plan
+from quotas.models import Plan, UserQuota
 
 INT32_MAX = 2**31 - 1  # PositiveIntegerField on PostgreSQL
 INT64_MAX = 2**63 - 1  # PositiveBigIntegerField
@@ -52,6 +55,13 @@ TALLY_LABELS = {
     "models": _("Served models"),
     "users": _("Users"),
     "api_keys": _("API keys"),
+}
+# ConfigImport.kind → what the command calls one such object.
+KIND_NAMES = {
+    "plan": _("plan"),
+    "model": _("served model"),
+    "user": _("user"),
+    "api_key": _("API key"),
 }
 
 
@@ -585,6 +595,8 @@ class ImportReport:
     files: list[tuple[str, str]]
     notes: list[tuple[str, str, Promise]]  # (file, entry, note)
     tallies: dict[str, Tally] = field(default_factory=dict)
+    state: ConfigState = field(default_factory=ConfigState)
+    dry_run: bool = False
 
     def count(self, what: str, *, created: bool, changed: bool) -> None:
         tally = self.tallies.setdefault(what, Tally())
@@ -604,30 +616,45 @@ class ImportReport:
         return sum(t.unchanged for t in self.tallies.values())
 
 
-def import_config(paths: Iterable[str]) -> ImportReport:
-    """Check every file, then apply them all in one transaction (server file first)."""
+def import_config(
+    paths: Iterable[str], *, dry_run: bool = False, file_wins: bool = False
+) -> ImportReport:
+    """Check every file, then apply them all in one transaction (server file first). What an
+    operator changed in the admin is kept unless `file_wins` (gateway/config_state.py);
+    `dry_run` rolls everything back and leaves the report of what would change."""
     configs = load_configs(paths)
     notes = (
         [(configs.server.file, *note) for note in configs.server.notes] if configs.server else []
     )
-    report = ImportReport(configs.files, notes)
     with transaction.atomic():
+        report = ImportReport(configs.files, notes, state=ConfigState.load(file_wins=file_wins))
+        report.dry_run = dry_run
         if configs.server is not None:
             _apply_server(configs.server, report)
         users = _apply_users(configs.users, report)
         _apply_keys(configs.users, users, report)
+        if dry_run:
+            transaction.set_rollback(True)
     return report
 
 
 def _apply_server(config: ServerConfig, report: ImportReport) -> None:
-    existed = Plan.objects.filter(name=quotas.DEFAULT_PLAN_NAME).exists()
+    state, file = report.state, config.file
+    plan = Plan.objects.filter(name=quotas.DEFAULT_PLAN_NAME).first()
+    limits = config.default_limits
+    current = {f: getattr(plan, f) for f in limits} if plan is not None else None
+    applied = state.to_apply("plan", quotas.DEFAULT_PLAN_NAME, current, limits)
     changed = quotas.set_plan_limits(
-        quotas.default_plan(), actor=None, actor_label="import_config", **config.default_limits
+        quotas.default_plan(), actor=None, actor_label="import_config", **applied
     )
-    report.count("plans", created=not existed, changed=changed)
-    model, created, changed = served_models.set_served_model(
-        config.model_name, **config.model_fields
-    )
+    state.remember("plan", quotas.DEFAULT_PLAN_NAME, file, limits)
+    report.count("plans", created=plan is None, changed=changed)
+    fields = config.model_fields
+    existing = ServedModel.objects.filter(name=config.model_name).first()
+    current = {f: getattr(existing, f) for f in fields} if existing is not None else None
+    applied = state.to_apply("model", config.model_name, current, fields)
+    model, created, changed = served_models.set_served_model(config.model_name, **applied)
+    state.remember("model", config.model_name, file, fields)
     report.count("models", created=created, changed=changed)
     try:
         losers = served_models.take_model_aliases(model, actor_label="import_config")
@@ -642,18 +669,36 @@ def _apply_users(configs: Sequence[UsersConfig], report: ImportReport) -> dict[s
         return {}
     # Without a server file in this import, users join the default plan as it stands.
     plan = quotas.default_plan()
+    state = report.state
+    quotas_by_user = {
+        q.user.get_username(): q
+        for q in UserQuota.objects.select_related("user", "plan").filter(
+            user__username__in=[e.name for c in configs for e in c.users]
+        )
+    }
     users = {}
     for config in configs:
         for entry in config.users:
             user, created = accounts.get_or_create_user(entry.name)
+            wanted = {"plan": plan.name, **entry.limits, "description": entry.description}
+            quota = quotas_by_user.get(entry.name)
+            current = None
+            if quota is not None:
+                current = {f: getattr(quota, f) for f in wanted if f != "plan"}
+                current["plan"] = quota.plan.name
+            applied = state.to_apply("user", entry.name, current, wanted)
+            # A plan kept from the admin stays: set_user_quota always sets one.
+            kept_plan = quota.plan if quota is not None and "plan" not in applied else plan
+            limits = {f: v for f, v in applied.items() if f not in ("plan", "description")}
             _quota, changed = quotas.set_user_quota(
                 user,
-                plan,
+                kept_plan,
                 actor=None,
                 actor_label="import_config",
-                description=entry.description,
-                **entry.limits,
+                description=applied.get("description"),
+                **limits,
             )
+            state.remember("user", entry.name, config.file, wanted)
             report.count("users", created=created, changed=changed)
             users[entry.name] = user
     return users
@@ -662,13 +707,26 @@ def _apply_users(configs: Sequence[UsersConfig], report: ImportReport) -> dict[s
 def _apply_keys(
     configs: Sequence[UsersConfig], users: Mapping[str, User], report: ImportReport
 ) -> None:
-    keys = [key for config in configs for key in config.keys]
-    hashes = [accounts.hash_key(key.raw_key) for key in keys]
+    state = report.state
+    keys = [(config.file, key) for config in configs for key in config.keys]
+    hashes = [accounts.hash_key(key.raw_key) for _, key in keys]
     # One query up front tells "created" from "updated"; import_api_key only says "changed".
-    existing = set(ApiKey.objects.filter(key_hash__in=hashes).values_list("key_hash", flat=True))
-    for key, key_hash in zip(keys, hashes, strict=True):
-        # A key revoked in the admin stays revoked: import_api_key never un-revokes.
-        _key, changed = accounts.import_api_key(
-            users[key.username], key.raw_key, key.name, actor=None, actor_label="import_config"
-        )
-        report.count("api_keys", created=key_hash not in existing, changed=changed)
+    existing = {
+        k.key_hash: k for k in ApiKey.objects.select_related("user").filter(key_hash__in=hashes)
+    }
+    for (file, key), key_hash in zip(keys, hashes, strict=True):
+        found = existing.get(key_hash)
+        label = accounts.visible_prefix(key.raw_key)
+        wanted = {"user": key.username, "name": key.name}
+        current = {"user": found.user.get_username(), "name": found.name} if found else None
+        applied = state.to_apply("api_key", label, current, wanted)
+        changed = False
+        if found is None or applied:
+            owner = users[key.username] if found is None or "user" in applied else found.user
+            name = key.name if found is None or "name" in applied else found.name
+            # A key revoked in the admin stays revoked: import_api_key never un-revokes.
+            _key, changed = accounts.import_api_key(
+                owner, key.raw_key, name, actor=None, actor_label="import_config"
+            )
+        state.remember("api_key", label, file, wanted)
+        report.count("api_keys", created=found is None, changed=changed)

@@ -131,10 +131,6 @@ class ServedModel(models.Model):
     )
     # The estimator's per-model refit from reconciled ledger rows ({} until fitted).
     estimator_fit = models.JSONField(_("estimator fit"), default=dict, blank=True)
-    # Set by import_config: the file this row came from and the values it set then, so a
-    # re-import can tell an admin edit from a file edit.
-    config_file = models.CharField(_("managed by file"), max_length=500, blank=True)
-    config_values = models.JSONField(default=dict, blank=True, editable=False)
     is_active = models.BooleanField(_("active"), default=True)
     description = models.TextField(_("description"), blank=True)
 
@@ -173,3 +169,26 @@ class TokenizerCheck(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model_id} {self.outcome} {self.checked_at:%Y-%m-%d %H:%M}"
+
+
+class ConfigImport(models.Model):
+    """An object import_config manages: the file it came from and the values that file set at
+    the last import, so that a re-import tells an edit in the admin (kept, reported as a
+    conflict) from an edit of the file (applied). gateway/config_state.py."""
+
+    kind = models.CharField(_("kind"), max_length=20)  # plan, model, user, api_key
+    name = models.CharField(_("name"), max_length=200)  # plan/model/user name, key prefix
+    file = models.CharField(_("managed by file"), max_length=500)
+    values = models.JSONField(_("values set by the file"), default=dict)
+    imported_at = models.DateTimeField(_("last imported"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("object managed by a config file")
+        verbose_name_plural = _("objects managed by config files")
+        ordering = ["kind", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["kind", "name"], name="config_import_kind_name")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name} ({self.file})"

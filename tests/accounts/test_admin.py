@@ -380,6 +380,11 @@ def test_served_model_aliases_must_be_free(client: Client, data: None) -> None:
         "request_timeout_seconds": 60,
         "is_active": "on",
         "description": "",
+        "upstream_kind": "auto",
+        "prompt_token_offset": 0,
+        # The self-check history inline (read-only) still posts its management form.
+        "tokenizer_checks-TOTAL_FORMS": "0",
+        "tokenizer_checks-INITIAL_FORMS": "0",
     }
 
     refused = client.post(url(ServedModel, "add"), form)
