@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import User
@@ -294,3 +294,57 @@ def with_latest_check(queryset: QuerySet[ServedModel]) -> QuerySet[ServedModel]:
         check_detail=Subquery(latest.values("detail")[:1]),
         check_at=Subquery(latest.values("checked_at")[:1]),
     )
+
+
+# --- The estimator's refit (tokenlimit/estimator_fit.py) ---------------------------------------
+
+REFIT_LABEL = "estimator refit"
+REFIT_WINDOW_DAYS = 7
+REFIT_MAX_ROWS = 5000
+
+
+def refit_estimators(now: datetime | None = None) -> dict[str, dict[str, float]]:
+    """For each active model counted by the estimator: fit its correction from the ledger's
+    chat rows with upstream usage since the last fit (at most a week), store it when it lowers
+    the error (audited), and return what was stored by model. Gateways pick it up with their
+    next catalog reload. One query for the models, one per estimating model, one write each."""
+    from django.utils import timezone
+
+    from tokenlimit import estimator_fit
+    from tokenlimit.tokens import get_counter
+
+    now = now or timezone.now()
+    stored: dict[str, dict[str, float]] = {}
+    for served in ServedModel.objects.filter(is_active=True):
+        old = dict(served.estimator_fit or {})
+        counter = get_counter(
+            served.name, served.tokenizer, served.korean_factor,
+            chat_template=served.chat_template,
+            estimator_fit=tuple(sorted((k, float(v)) for k, v in old.items())),
+        )  # fmt: skip
+        if getattr(counter, "chat_exact", counter.exact):
+            continue
+        since = now - timedelta(days=REFIT_WINDOW_DAYS)
+        if old.get("fitted_at"):
+            since = max(since, datetime.fromtimestamp(float(old["fitted_at"]), tz=UTC))
+        rows = (
+            UsageRecord.objects.filter(
+                model=served.name, endpoint="chat/completions", usage_source="upstream",
+                started_at__gte=since, estimated_prompt_tokens__gt=0, prompt_tokens__gt=0,
+            )
+            .order_by("-started_at")
+            .values_list("estimated_prompt_tokens", "prompt_tokens")[:REFIT_MAX_ROWS]
+        )  # fmt: skip
+        fitted = estimator_fit.fit(list(rows))
+        if fitted is None:
+            continue
+        scale, offset = estimator_fit.compose(
+            float(old.get("scale", 1.0)), float(old.get("offset", 0.0)), fitted
+        )
+        value = {**fitted.as_dict(), "scale": scale, "offset": offset, "fitted_at": now.timestamp()}
+        with transaction.atomic():
+            ServedModel.objects.filter(pk=served.pk).update(estimator_fit=value)
+            details = changes({"estimator_fit": old}, {"estimator_fit": value})
+            record_audit(None, AuditAction.MODEL_CHANGED, served, details, REFIT_LABEL)
+        stored[served.name] = value
+    return stored

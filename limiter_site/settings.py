@@ -326,6 +326,7 @@ if PORTAL_BASE_URL and urlsplit(PORTAL_BASE_URL).scheme not in ("http", "https")
 # workers' outbound traffic is restricted.
 QUOTA_ALERT_WEBHOOKS = env_bool("QUOTA_ALERT_WEBHOOKS", False)
 QUOTA_ALERT_CHECK_SECONDS = env_float("QUOTA_ALERT_CHECK_SECONDS", 60.0, minimum=5.0)
+ESTIMATOR_REFIT_SECONDS = env_float("ESTIMATOR_REFIT_SECONDS", 3600.0, minimum=60.0)
 CELERY_BEAT_SCHEDULE = {
     "check-quota-alerts": {
         "task": "telemetry.tasks.check_quota_alerts",
@@ -344,6 +345,12 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 55},
     },
     "prune": {"task": "telemetry.tasks.prune", "schedule": 3600.0},
+    # The estimator of models without a tokenizer, corrected from what their upstream reported.
+    "refit-estimators": {
+        "task": "telemetry.tasks.refit_estimators",
+        "schedule": ESTIMATOR_REFIT_SECONDS,
+        "options": {"expires": ESTIMATOR_REFIT_SECONDS * 0.9},
+    },
 }
 
 LANGUAGE_CODE = "ko"

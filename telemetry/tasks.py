@@ -87,3 +87,11 @@ def prune() -> dict[str, int]:
     # LEDGER_RETENTION_DAYS, whole local days, only rows already rolled up; roll-ups are kept.
     deleted["usage_records"] = rollups.prune_ledger()
     return deleted
+
+
+@shared_task(name="telemetry.tasks.refit_estimators", ignore_result=True)
+def refit_estimators() -> int:
+    """Refit the token estimator of models without a tokenizer from the ledger."""
+    from gateway.services import refit_estimators as refit
+
+    return len(refit())

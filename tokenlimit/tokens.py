@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenlimit import chat_templates, tokenizer_sources
+from tokenlimit import chat_templates, estimator_fit, tokenizer_sources
 
 log = logging.getLogger(__name__)
 
@@ -332,8 +332,11 @@ class EstimatingCounter(TokenCounter):
     def __init__(
         self, family: str, korean_factor: float | None = None, *, fit: EstimatorFit = ()
     ) -> None:
-        # TODO(issue 13, estimator refit): apply `fit`.
+        # The per-model refit from the ledger (tokenlimit/estimator_fit.py): chats get scale and
+        # offset, text (completions, prompt strings) the scale alone.
         self.fit = dict(fit)
+        self.scale = float(self.fit.get("scale", 1.0))
+        self.offset = float(self.fit.get("offset", 0.0))
         factors = dict(FAMILY_FACTORS.get(family, FAMILY_FACTORS["default"]))
         units = parse_units(FAMILY_UNITS.get(family, "")) if family in FAMILY_FACTORS else ()
         if korean_factor is not None:
@@ -345,12 +348,11 @@ class EstimatingCounter(TokenCounter):
         self.units = units_pattern(units)
         self.blanks = BLANK_FEATURE in factors
         self.source = "estimator" if family == "default" else f"estimator:{family}"
+        if self.fit:
+            self.source += f" (refitted: ×{self.scale:.3f} {self.offset:+.1f})"
 
     def count_text(self, text: str) -> int:
-        if not text:
-            return 0
-        features = estimator_features(text, self.units, blanks=self.blanks)
-        return estimate_tokens(features, self.factors)
+        return estimator_fit.apply(self._raw(text), self.scale)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         raise NotImplementedError(f"{self.source} has no tokenizer and cannot produce token ids")
@@ -380,11 +382,19 @@ class EstimatingCounter(TokenCounter):
     ) -> int:
         conversation = _estimable(messages)
         total = CHAT_OVERHEAD_TOKENS + MESSAGE_OVERHEAD_TOKENS * len(conversation)
-        total += sum(self.count_text(_message_text(m)) for m in conversation)
+        total += sum(self._raw(_message_text(m)) for m in conversation)
         functions = sglang_tools(tools, tool_choice)
         if functions:
-            total += self.count_text(json.dumps(functions, ensure_ascii=False))
-        return total
+            total += self._raw(json.dumps(functions, ensure_ascii=False))
+        return estimator_fit.apply(total, self.scale, self.offset)
+
+    def _raw(self, text: str) -> int:
+        """The estimate before the refit (count_chat corrects the whole prompt once)."""
+        if not text:
+            return 0
+        return estimate_tokens(
+            estimator_features(text, self.units, blanks=self.blanks), self.factors
+        )
 
 
 # --- Finding a tokenizer ----------------------------------------------------------------------

@@ -79,8 +79,7 @@ class Command(BaseCommand):
         conflicts = len(report.state.conflicts)
         if conflicts and not report.state.file_wins:
             line = ngettext(
-                "%(count)d conflict: the admin's value was kept (--file-wins to apply the "
-                "file's).",
+                "%(count)d conflict: the admin's value was kept (--file-wins to apply the file's).",
                 "%(count)d conflicts: the admin's values were kept (--file-wins to apply the "
                 "file's).",
                 conflicts,
