@@ -20,7 +20,12 @@ from api.serializers import (
     printable,
 )
 from gateway.models import ServedModel
-from gateway.services import EDITABLE_MODEL_FIELDS, MAX_KOREAN_FACTOR, MAX_REQUEST_TIMEOUT_SECONDS
+from gateway.services import (
+    EDITABLE_MODEL_FIELDS,
+    MAX_KOREAN_FACTOR,
+    MAX_LEARNT_OFFSET,
+    MAX_REQUEST_TIMEOUT_SECONDS,
+)
 from quotas.models import Plan
 from quotas.services import PLAN_FIELDS
 from telemetry.models import SGLangSample
@@ -199,6 +204,10 @@ class ServedModelSerializer(serializers.ModelSerializer[ServedModel]):
             "context_length": {"min_value": 1, "max_value": INTEGER},
             "korean_factor": {"min_value": 0.01, "max_value": MAX_KOREAN_FACTOR},
             "request_timeout_seconds": {"min_value": 0.1, "max_value": MAX_REQUEST_TIMEOUT_SECONDS},
+            "prompt_token_offset": {
+                "min_value": -MAX_LEARNT_OFFSET,
+                "max_value": MAX_LEARNT_OFFSET,
+            },
         }
 
     def validate_name(self, value: str) -> str:

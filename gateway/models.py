@@ -130,7 +130,7 @@ class ServedModel(models.Model):
         ),
     )
     # The estimator's per-model refit from reconciled ledger rows ({} until fitted).
-    estimator_fit = models.JSONField(_("estimator fit"), default=dict, blank=True)
+    estimator_fit = models.JSONField(_("estimator fit"), default=dict, blank=True, editable=False)
     is_active = models.BooleanField(_("active"), default=True)
     description = models.TextField(_("description"), blank=True)
 

@@ -39,6 +39,7 @@ EDITABLE_MODEL_FIELDS = tuple(
 MAX_KOREAN_FACTOR = 10.0
 MAX_REQUEST_TIMEOUT_SECONDS = 86400.0
 MAX_ALIASES = 100
+MAX_LEARNT_OFFSET = 4096  # a larger "offset" is a wrong tokenizer, not a template's preamble
 IMPORT_LABEL = "import_config"
 
 
@@ -199,6 +200,11 @@ def _check_bounds(model: ServedModel, fields: dict[str, Any]) -> None:
         errors["request_timeout_seconds"] = gettext(
             "Enter a number above 0 and at most %(maximum)s."
         ) % {"maximum": MAX_REQUEST_TIMEOUT_SECONDS}
+    offset = model.prompt_token_offset
+    if "prompt_token_offset" in fields and abs(offset) > MAX_LEARNT_OFFSET:
+        errors["prompt_token_offset"] = gettext(
+            "Enter a whole number between -%(maximum)s and %(maximum)s."
+        ) % {"maximum": MAX_LEARNT_OFFSET}
     if errors:
         raise ValidationError(errors)
 
@@ -234,7 +240,6 @@ def with_prompt_reconciliation(
 
 SELF_CHECK_LABEL = "tokenizer self-check"
 CHECKS_KEPT_PER_MODEL = 50
-MAX_LEARNT_OFFSET = 4096  # a larger "offset" is a wrong tokenizer, not a template's preamble
 
 
 def record_tokenizer_check(result: Any, model: Any) -> TokenizerCheck | None:

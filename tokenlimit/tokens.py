@@ -43,8 +43,11 @@ Message = Mapping[str, Any]
 # character classes alone reached 8.7% / 7.9% / 7.8%). Jamo and CJK are too rare there to fit
 # and kept their earlier, hand-set values; digits come out above 1 because numbers travel with
 # units and punctuation the estimator does not see (Qwen itself spends 1 token per digit).
-# "default": the "1 Hangul syllable ~ 1.2 tokens" rule of thumb, deliberately on the high side
-# for unknown tokenizers so quotas err towards over-counting.
+# "default" (every model whose tokenizer is unknown): the same per-script table. It replaced the
+# "1 Hangul syllable ~ 1.2 tokens" rule of thumb, which over-counted by 35 % on the Korean corpus
+# with Qwen's tokenizer and by 60 % with Gemma 3's (the table: 4.3 % and 19 %; bench/
+# estimator_bench.py, docs/benchmarks.md). What remains for another tokenizer family is mostly
+# one factor, which each model's refit from its ledger takes out (tokenlimit/estimator_fit.py).
 FAMILY_FACTORS: dict[str, dict[str, float]] = {
     "qwen": {
         "hangul": 1.142,
@@ -58,17 +61,8 @@ FAMILY_FACTORS: dict[str, dict[str, float]] = {
         "unit": 0.858,
         "blank": 0.728,
     },
-    "default": {
-        "hangul": 1.2,
-        "jamo": 1.0,
-        "latin": 0.3,
-        "digit": 0.5,
-        "cjk": 1.3,
-        "space": 0.1,
-        "punct": 0.7,
-        "other": 1.5,
-    },
 }
+FAMILY_FACTORS["default"] = FAMILY_FACTORS["qwen"]
 # Multi-character strings a family's tokenizer encodes as one token (Hangul words and endings,
 # "▁" marking a leading space), from `manage.py calibrate_tokens`. The estimator counts each match
 # (longest first) as one "unit" and classifies only the characters left over; without units a
@@ -110,6 +104,7 @@ FAMILY_UNITS: dict[str, str] = {
         "습니까 ▁대통령 ▁중심 성이 지는 ▁글"
     ),
 }
+FAMILY_UNITS["default"] = FAMILY_UNITS["qwen"]
 UNIT_FEATURE = "unit"
 # Runs of two or more blanks (indentation, blank lines), which tokenizers merge: one "blank"
 # each, for the families whose factors have that feature.

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.gateway.conftest import (
     MONITORING_TOKEN,
@@ -27,7 +28,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 GENERIC = "gemma-ko"  # no tokenizer the gateway can find: it estimates
 ESTIMATED_ON_SGLANG = "gemma-sglang"  # the same, on a server that can tokenize
 SGLANG = "Qwen/Qwen2.5-7B-Instruct"
-KOREAN = [{"role": "user", "content": "한국의 전통 음식 세 가지를 간단히 소개해 주세요."}]
+KOREAN: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "한국의 전통 음식 세 가지를 간단히 소개해 주세요."}
+]
 
 
 class Site:
@@ -71,7 +74,11 @@ def site(django_db_setup: None, django_db_blocker: Any) -> Iterator[Site]:
             simulator(ESTIMATED_ON_SGLANG, 0, 0, extra=("--tokenizer", qwen))
         )
         with django_db_blocker.unblock():
-            ServedModel.objects.update_or_create(name=GENERIC, defaults={"upstream_url": generic})
+            # An operator's Hangul weight far above the truth: the gateway over-counts the
+            # answer, so billing within max_tokens is what the clamp, not luck, gives.
+            ServedModel.objects.update_or_create(
+                name=GENERIC, defaults={"upstream_url": generic, "korean_factor": 3.0}
+            )
             ServedModel.objects.update_or_create(
                 name=SGLANG, defaults={"upstream_url": sglang, "upstream_kind": "sglang"}
             )

@@ -188,7 +188,7 @@ def test_daily_quota_is_insufficient_quota_until_midnight(served: None, make_gat
         headers = {"Authorization": f"Bearer {key}"}
         small = {"model": "korean-qwen", "messages": CHAT, "max_tokens": 5}
         assert (await http.post("/v1/chat/completions", json=small, headers=headers)).is_success
-        body = {"model": "korean-qwen", "messages": CHAT, "max_tokens": 180}
+        body = {"model": "korean-qwen", "messages": CHAT, "max_tokens": 150}
         return await http.post("/v1/chat/completions", json=body, headers=headers)
 
     refused = run(scenario())

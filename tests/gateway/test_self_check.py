@@ -283,7 +283,7 @@ def test_checks_run_on_start_on_change_and_again_soon_after_a_failure(
     model = ModelInfo("m", (), "http://up", "", 32768, None, 300.0)
 
     async def scenario() -> None:
-        checker = self_check.SelfChecker(Counters(), Upstream(), no_record)  # type: ignore[arg-type]
+        checker = self_check.SelfChecker(Counters(), Upstream(), no_record)
 
         async def catalog(*models: ModelInfo) -> None:
             checker.on_catalog(models)
