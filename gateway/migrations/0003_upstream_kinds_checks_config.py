@@ -5,70 +5,125 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('gateway', '0002_adapters_and_media'),
+        ("gateway", "0002_adapters_and_media"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='servedmodel',
-            name='chat_template',
-            field=models.TextField(blank=True, help_text="A Jinja chat template that replaces the tokenizer's own, exactly as the model server is started with (--chat-template). Blank: the tokenizer's template.", verbose_name='chat template'),
+            model_name="servedmodel",
+            name="chat_template",
+            field=models.TextField(
+                blank=True,
+                help_text="A Jinja chat template that replaces the tokenizer's own, exactly as the model server is started with (--chat-template). Blank: the tokenizer's template.",
+                verbose_name="chat template",
+            ),
         ),
         migrations.AddField(
-            model_name='servedmodel',
-            name='correct_offset_automatically',
-            field=models.BooleanField(default=False, help_text="When the self-check finds a constant difference from the upstream's counts, use it as the prompt token offset. Off: the difference is only reported.", verbose_name='correct the offset automatically'),
+            model_name="servedmodel",
+            name="correct_offset_automatically",
+            field=models.BooleanField(
+                default=False,
+                help_text="When the self-check finds a constant difference from the upstream's counts, use it as the prompt token offset. Off: the difference is only reported.",
+                verbose_name="correct the offset automatically",
+            ),
         ),
         migrations.AddField(
-            model_name='servedmodel',
-            name='estimator_fit',
-            field=models.JSONField(blank=True, default=dict, editable=False, verbose_name='estimator fit'),
+            model_name="servedmodel",
+            name="estimator_fit",
+            field=models.JSONField(
+                blank=True, default=dict, editable=False, verbose_name="estimator fit"
+            ),
         ),
         migrations.AddField(
-            model_name='servedmodel',
-            name='prompt_token_offset',
-            field=models.IntegerField(default=0, help_text='Tokens added to each counted prompt; learnt from the self-check against the upstream.', verbose_name='prompt token offset'),
+            model_name="servedmodel",
+            name="prompt_token_offset",
+            field=models.IntegerField(
+                default=0,
+                help_text="Tokens added to each counted prompt; learnt from the self-check against the upstream.",
+                verbose_name="prompt token offset",
+            ),
         ),
         migrations.AddField(
-            model_name='servedmodel',
-            name='upstream_kind',
-            field=models.CharField(choices=[('auto', 'automatic'), ('sglang', 'SGLang'), ('vllm', 'vLLM'), ('llama.cpp', 'llama.cpp'), ('openai', 'other OpenAI-compatible server')], default='auto', help_text="The server behind the upstream URL. It decides what the gateway probes for health, scrapes for metrics, and uses for tokenizing and aborting. Automatic: detected from the server's answers.", max_length=20, verbose_name='upstream kind'),
+            model_name="servedmodel",
+            name="upstream_kind",
+            field=models.CharField(
+                choices=[
+                    ("auto", "automatic"),
+                    ("sglang", "SGLang"),
+                    ("vllm", "vLLM"),
+                    ("llama.cpp", "llama.cpp"),
+                    ("openai", "other OpenAI-compatible server"),
+                ],
+                default="auto",
+                help_text="The server behind the upstream URL. It decides what the gateway probes for health, scrapes for metrics, and uses for tokenizing and aborting. Automatic: detected from the server's answers.",
+                max_length=20,
+                verbose_name="upstream kind",
+            ),
         ),
         migrations.CreateModel(
-            name='ConfigImport',
+            name="ConfigImport",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(max_length=20, verbose_name='kind')),
-                ('name', models.CharField(max_length=200, verbose_name='name')),
-                ('file', models.CharField(max_length=500, verbose_name='managed by file')),
-                ('values', models.JSONField(default=dict, verbose_name='values set by the file')),
-                ('imported_at', models.DateTimeField(auto_now=True, verbose_name='last imported')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("kind", models.CharField(max_length=20, verbose_name="kind")),
+                ("name", models.CharField(max_length=200, verbose_name="name")),
+                ("file", models.CharField(max_length=500, verbose_name="managed by file")),
+                ("values", models.JSONField(default=dict, verbose_name="values set by the file")),
+                ("imported_at", models.DateTimeField(auto_now=True, verbose_name="last imported")),
             ],
             options={
-                'verbose_name': 'object managed by a config file',
-                'verbose_name_plural': 'objects managed by config files',
-                'ordering': ['kind', 'name'],
-                'constraints': [models.UniqueConstraint(fields=('kind', 'name'), name='config_import_kind_name')],
+                "verbose_name": "object managed by a config file",
+                "verbose_name_plural": "objects managed by config files",
+                "ordering": ["kind", "name"],
+                "constraints": [
+                    models.UniqueConstraint(fields=("kind", "name"), name="config_import_kind_name")
+                ],
             },
         ),
         migrations.CreateModel(
-            name='TokenizerCheck',
+            name="TokenizerCheck",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('checked_at', models.DateTimeField(auto_now_add=True, db_index=True, verbose_name='checked at')),
-                ('outcome', models.CharField(max_length=20, verbose_name='outcome')),
-                ('counter_source', models.CharField(blank=True, max_length=500, verbose_name='token counter')),
-                ('offset_seen', models.IntegerField(blank=True, null=True, verbose_name='offset seen')),
-                ('probes', models.JSONField(blank=True, default=list, verbose_name='probes')),
-                ('detail', models.CharField(blank=True, max_length=500, verbose_name='detail')),
-                ('model', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='tokenizer_checks', to='gateway.servedmodel')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "checked_at",
+                    models.DateTimeField(
+                        auto_now_add=True, db_index=True, verbose_name="checked at"
+                    ),
+                ),
+                ("outcome", models.CharField(max_length=20, verbose_name="outcome")),
+                (
+                    "counter_source",
+                    models.CharField(blank=True, max_length=500, verbose_name="token counter"),
+                ),
+                (
+                    "offset_seen",
+                    models.IntegerField(blank=True, null=True, verbose_name="offset seen"),
+                ),
+                ("probes", models.JSONField(blank=True, default=list, verbose_name="probes")),
+                ("detail", models.CharField(blank=True, max_length=500, verbose_name="detail")),
+                (
+                    "model",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="tokenizer_checks",
+                        to="gateway.servedmodel",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'tokenizer check',
-                'verbose_name_plural': 'tokenizer checks',
-                'ordering': ['-checked_at'],
+                "verbose_name": "tokenizer check",
+                "verbose_name_plural": "tokenizer checks",
+                "ordering": ["-checked_at"],
             },
         ),
     ]

@@ -184,3 +184,37 @@ def gateway_args(port: int) -> list[str]:
     """The gateway as the README serves it: uvicorn, which stops reading a body at our limit."""
     return ["-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--lifespan", "on",
             "--no-access-log", "limiter_site.asgi:application"]  # fmt: skip
+
+
+def serve_gateway(stack: ExitStack, database_url: str, **env: str) -> str:
+    """A uvicorn gateway and a Celery ledger worker on the test database until `stack` closes;
+    returns the gateway's URL. `env`: more settings (SGLANG_URL, GATEWAY_SELF_CHECK, …)."""
+    stack.enter_context(ledger_worker({"DATABASE_URL": database_url}))
+    port = free_port()
+    stack.enter_context(
+        running(
+            gateway_args(port),
+            f"http://127.0.0.1:{port}/health",
+            env={
+                "DATABASE_URL": database_url,
+                "GATEWAY_LEDGER_FLUSH_SECONDS": "0.1",
+                "GATEWAY_MONITORING_TOKEN": MONITORING_TOKEN,
+                **env,
+            },
+        )
+    )
+    return f"http://127.0.0.1:{port}"
+
+
+def ledger_row(blocker: Any, request_id: str, timeout: float = 10.0) -> Any:
+    """The request's ledger row once a worker has written it."""
+    from quotas.models import UsageRecord
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with blocker.unblock():
+            row = UsageRecord.objects.filter(request_id=request_id).first()
+        if row is not None:
+            return row
+        time.sleep(0.1)
+    raise AssertionError(f"no ledger row for {request_id} after {timeout}s")

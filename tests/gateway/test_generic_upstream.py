@@ -17,10 +17,11 @@ from openai.types.chat import ChatCompletionMessageParam
 from tests.gateway.conftest import (
     MONITORING_TOKEN,
     database_url_for_subprocess,
-    gateway_args,
+    ledger_row,
     make_user,
+    serve_gateway,
 )
-from tests.procs import free_port, ledger_worker, running, simulator
+from tests.procs import simulator
 from tokenlimit.tokens import get_counter
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -42,17 +43,8 @@ class Site:
     def client(self) -> OpenAI:
         return OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0)
 
-    def row(self, request_id: str, timeout: float = 10.0) -> Any:
-        from quotas.models import UsageRecord
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.blocker.unblock():
-                row = UsageRecord.objects.filter(request_id=request_id).first()
-            if row is not None:
-                return row
-            time.sleep(0.1)
-        raise AssertionError(f"no ledger row for {request_id}")
+    def row(self, request_id: str) -> Any:
+        return ledger_row(self.blocker, request_id)
 
 
 @pytest.fixture(scope="module")
@@ -87,22 +79,9 @@ def site(django_db_setup: None, django_db_blocker: Any) -> Iterator[Site]:
             )
             user, key = make_user("범용서버")
             database_url = database_url_for_subprocess()
-        stack.enter_context(ledger_worker({"DATABASE_URL": database_url}))
-        port = free_port()
-        stack.enter_context(
-            running(
-                gateway_args(port),
-                f"http://127.0.0.1:{port}/health",
-                env={
-                    "DATABASE_URL": database_url,
-                    "SGLANG_URL": generic,
-                    "GATEWAY_LEDGER_FLUSH_SECONDS": "0.1",
-                    "GATEWAY_MONITORING_TOKEN": MONITORING_TOKEN,
-                },
-            )
-        )
+        url = serve_gateway(stack, database_url, SGLANG_URL=generic)
         yield Site(
-            f"http://127.0.0.1:{port}", key, user.pk,
+            url, key, user.pk,
             {"generic": generic, "sglang": sglang}, django_db_blocker,
         )  # fmt: skip
     with django_db_blocker.unblock():

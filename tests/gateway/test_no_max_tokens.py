@@ -4,7 +4,6 @@ what the windows still allow and sends that upstream as max_tokens, instead of r
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -14,8 +13,13 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.gateway.conftest import database_url_for_subprocess, gateway_args, make_user
-from tests.procs import free_port, ledger_worker, running, simulator
+from tests.gateway.conftest import (
+    database_url_for_subprocess,
+    ledger_row,
+    make_user,
+    serve_gateway,
+)
+from tests.procs import simulator
 from tokenlimit.tokens import get_counter
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -33,16 +37,7 @@ class Site:
         return OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0)
 
     def row(self, request_id: str) -> Any:
-        from quotas.models import UsageRecord
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with self.blocker.unblock():
-                row = UsageRecord.objects.filter(request_id=request_id).first()
-            if row is not None:
-                return row
-            time.sleep(0.1)
-        raise AssertionError(f"no ledger row for {request_id}")
+        return ledger_row(self.blocker, request_id)
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +52,8 @@ def site(django_db_setup: None, django_db_blocker: Any) -> Iterator[Site]:
                 "작은요금제", tokens_per_minute=WINDOW, requests_per_minute=0, cooldown_minutes=0
             )
             database_url = database_url_for_subprocess()
-        stack.enter_context(ledger_worker({"DATABASE_URL": database_url}))
-        port = free_port()
-        stack.enter_context(
-            running(
-                gateway_args(port),
-                f"http://127.0.0.1:{port}/health",
-                env={"DATABASE_URL": database_url, "SGLANG_URL": sim},
-            )
-        )
-        yield Site(f"http://127.0.0.1:{port}", key, sim, django_db_blocker)
+        url = serve_gateway(stack, database_url, SGLANG_URL=sim)
+        yield Site(url, key, sim, django_db_blocker)
     with django_db_blocker.unblock():
         ServedModel.objects.filter(name=MODEL).delete()
         user.delete()

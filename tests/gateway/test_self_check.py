@@ -17,10 +17,10 @@ from gateway.self_check import CheckResult, verdict
 from tests.gateway.conftest import (
     MONITORING_TOKEN,
     database_url_for_subprocess,
-    gateway_args,
     make_user,
+    serve_gateway,
 )
-from tests.procs import free_port, ledger_worker, running, simulator
+from tests.procs import simulator
 from tokenlimit.tokens import EstimatingCounter, get_counter, qwen_tokenizer_dir
 
 QWEN25_TEMPLATE = Path(__file__).resolve().parents[2] / (
@@ -185,22 +185,8 @@ def site(
             )
             user, key = make_user("자가점검")
             database_url = database_url_for_subprocess()
-        stack.enter_context(ledger_worker({"DATABASE_URL": database_url}))
-        port = free_port()
-        stack.enter_context(
-            running(
-                gateway_args(port),
-                f"http://127.0.0.1:{port}/health",
-                env={
-                    "DATABASE_URL": database_url,
-                    "SGLANG_URL": templated,
-                    "GATEWAY_SELF_CHECK": "1",
-                    "GATEWAY_LEDGER_FLUSH_SECONDS": "0.1",
-                    "GATEWAY_MONITORING_TOKEN": MONITORING_TOKEN,
-                },
-            )
-        )
-        yield Site(f"http://127.0.0.1:{port}", key, django_db_blocker)
+        url = serve_gateway(stack, database_url, SGLANG_URL=templated, GATEWAY_SELF_CHECK="1")
+        yield Site(url, key, django_db_blocker)
     with django_db_blocker.unblock():
         ServedModel.objects.filter(name__in=[TEMPLATED, PREFIXED]).delete()
         user.delete()

@@ -22,8 +22,9 @@ PLAN_PAGE_QUERIES = 3
 # session, user, the count, the full count, the page (reconciliation and the latest self-check
 # as subqueries).
 MODEL_LIST_QUERIES = 5
-# session, user, the model (with its reconciliation subqueries), its self-check history.
-MODEL_PAGE_QUERIES = 4
+# session, user, the model (with its reconciliation subqueries), its self-check history, the
+# config file managing it.
+MODEL_PAGE_QUERIES = 5
 
 
 @pytest.mark.parametrize("count", [1, 30])
