@@ -195,10 +195,14 @@ class ModelCatalog:
 
 def model_info(row: dict[str, Any], default_upstream: str) -> ModelInfo:
     """A ServedModel's values (MODEL_FIELDS) as the gateway uses them."""
+    from gateway.models import normalize_upstream_url
+
     return ModelInfo(
         name=row["name"],
         aliases=tuple(str(a) for a in row["aliases"] or ()),
-        upstream_url=(row["upstream_url"] or default_upstream).rstrip("/"),
+        # Normalised here too: a row written around the services (an ORM update, SQL)
+        # with the OpenAI base URL must not turn every request into a 404.
+        upstream_url=normalize_upstream_url(row["upstream_url"] or default_upstream),
         tokenizer=row["tokenizer"],
         context_length=row["context_length"],
         korean_factor=row["korean_factor"],

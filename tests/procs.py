@@ -46,16 +46,18 @@ def running(
     env: dict[str, str] | None = None,
     timeout: float = 60.0,
     cwd: Path = ROOT,
+    python: bool = True,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `args` (python -m … or manage.py …) in `cwd` until the block ends; output goes to a
-    log file."""
+    """Run `args` (python -m … or manage.py …; with python=False a whole command line) in `cwd`
+    until the block ends; output goes to a log file."""
     full_env = {**os.environ, "DEBUG": "1", **(env or {})}
     log_dir = ROOT / "var" / "test-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{Path(args[0]).name}-{os.getpid()}-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:
+        command = [sys.executable, *args] if python else args
         proc = subprocess.Popen(
-            [sys.executable, *args], cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
         try:
             try:
