@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.html import format_html
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
@@ -19,7 +21,7 @@ from accounts.admin_forms import LinesField
 from accounts.models import AuditAction
 from gateway.caches import fit_pairs
 from gateway.config_import import KIND_NAMES
-from gateway.models import ConfigImport, ServedModel, TokenizerCheck
+from gateway.models import CHECK_OUTCOMES, ConfigImport, ServedModel, TokenizerCheck
 from gateway.self_check import check_now
 from gateway.services import (
     delete_served_model,
@@ -83,14 +85,6 @@ class ServedModelForm(forms.ModelForm):
         return aliases
 
 
-CHECK_OUTCOMES = (
-    ("ok", _("equal to the upstream")),
-    ("mismatch", _("differs from the upstream")),
-    ("estimated", _("estimated (no tokenizer)")),
-    ("failed", _("upstream gave no counts")),
-)
-
-
 class TokenizerCheckInline(admin.TabularInline):
     model = TokenizerCheck
     extra = 0
@@ -107,15 +101,12 @@ class ServedModelAdmin(AuditedAdmin):
     audit_action = AuditAction.MODEL_CHANGED
     audit_created_action = AuditAction.MODEL_CREATED
     form = ServedModelForm
+    # What an operator scans the list for; aliases, tokenizer, context and timeouts are on the
+    # model's page (the list must fit a laptop screen).
     list_display = (
         "name",
-        "alias_list",
-        "tokenizer_shown",
         "upstream_shown",
         "upstream_kind",
-        "context_length",
-        "korean_factor",
-        "request_timeout_seconds",
         "is_active",
         "token_counter",
         "self_check",
@@ -203,7 +194,10 @@ class ServedModelAdmin(AuditedAdmin):
             chat_template=model.chat_template,
             estimator_fit=fit_pairs(model.estimator_fit),
         )
-        return counter.source
+        # A tokenizer's full path would push the other columns off the screen: its last two
+        # parts, the whole in the tooltip.
+        shown = re.sub(r"(?<=tokenizer:)/\S*?((?:/[^/\s]+){2})(?=\s|$)", r"…\1", counter.source)
+        return format_html('<span title="{}">{}</span>', counter.source, shown)
 
     @admin.display(description=_("prompt counts vs upstream (7 days)"))
     def reconciliation(self, model: Any) -> str:
@@ -216,14 +210,6 @@ class ServedModelAdmin(AuditedAdmin):
             "checked": model.checked,
             "gap": model.mean_gap or 0,
         }
-
-    @admin.display(description=_("aliases"))
-    def alias_list(self, model: ServedModel) -> str:
-        return ", ".join(model.aliases or []) or "-"
-
-    @admin.display(description=_("tokenizer"), ordering="tokenizer")
-    def tokenizer_shown(self, model: ServedModel) -> Any:
-        return model.tokenizer or _("(the served model name)")
 
     @admin.display(description=_("upstream URL"), ordering="upstream_url")
     def upstream_shown(self, model: ServedModel) -> str:

@@ -146,6 +146,14 @@ class ServedModel(models.Model):
         self.upstream_url = normalize_upstream_url(self.upstream_url)
 
 
+CHECK_OUTCOMES = [
+    ("ok", _("equal to the upstream")),
+    ("mismatch", _("differs from the upstream")),
+    ("estimated", _("estimated (no tokenizer)")),
+    ("failed", _("upstream gave no counts")),
+]
+
+
 class TokenizerCheck(models.Model):
     """One self-check of a model's token counting against its upstream: probe conversations sent
     with max_tokens 1, the upstream's usage.prompt_tokens beside the gateway's own count."""
@@ -156,7 +164,7 @@ class TokenizerCheck(models.Model):
     checked_at = models.DateTimeField(_("checked at"), auto_now_add=True, db_index=True)
     # ok: every probe equal (after the offset in use); mismatch: a difference; failed: the
     # upstream did not answer usable counts (nothing learnt).
-    outcome = models.CharField(_("outcome"), max_length=20)
+    outcome = models.CharField(_("outcome"), max_length=20, choices=CHECK_OUTCOMES)
     counter_source = models.CharField(_("token counter"), max_length=500, blank=True)
     offset_seen = models.IntegerField(_("offset seen"), null=True, blank=True)
     probes = models.JSONField(_("probes"), default=list, blank=True)
@@ -168,7 +176,7 @@ class TokenizerCheck(models.Model):
         ordering = ["-checked_at"]
 
     def __str__(self) -> str:
-        return f"{self.model_id} {self.outcome} {self.checked_at:%Y-%m-%d %H:%M}"
+        return f"{self.checked_at:%Y-%m-%d %H:%M:%S}"
 
 
 class ConfigImport(models.Model):

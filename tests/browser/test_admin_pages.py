@@ -91,3 +91,28 @@ def test_an_operator_adds_a_key_sees_it_once_and_revokes_it(
     page.wait_for_load_state()
     assert page.locator("#revoke-key").count() == 0  # revoked: no button any more
     assert page.locator(".badge", has_text="폐기").count() >= 1
+
+
+def test_an_operator_runs_the_tokenizer_self_check_from_the_model_list(
+    open_page: OpenPage, live_site: LiveSite
+) -> None:
+    """The action probes the model's upstream (the simulator) from the admin's process and
+    the list then shows the outcome; the model's page has the history and the upstream kind."""
+    page, _ = open_page("ko")
+    log_in(page, live_site)
+    page.goto(f"{live_site.url}/admin/gateway/servedmodel/")
+    assert_styled(page)
+    page.locator("#result_list tbody input.action-select").first.check()
+    page.select_option("select[name=action]", "run_self_check")
+    page.locator("button[name=index]").click()
+    page.locator("ul.messagelist li").first.wait_for()
+    assert "probes equal" in page.locator("ul.messagelist").inner_text()
+    assert "upstream과 같음" in page.locator("#result_list td.field-self_check").first.inner_text()
+    fits_the_screen(page)
+    screenshot(page, "admin-models")
+
+    page.locator("#result_list th.field-name a").first.click()
+    page.locator("#tokenizer_checks-group").wait_for()
+    assert "upstream과 같음" in page.locator("#tokenizer_checks-group").inner_text()
+    assert page.locator("select[name=upstream_kind]").input_value() == "auto"
+    screenshot(page, "admin-model")
