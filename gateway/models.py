@@ -7,6 +7,7 @@ import re
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
+from django.utils import timezone
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
@@ -176,7 +177,8 @@ class TokenizerCheck(models.Model):
         ordering = ["-checked_at"]
 
     def __str__(self) -> str:
-        return f"{self.checked_at:%Y-%m-%d %H:%M:%S}"
+        # Local time (Asia/Seoul), as the admin shows the column beside it.
+        return f"{timezone.localtime(self.checked_at):%Y-%m-%d %H:%M:%S}"
 
 
 class ConfigImport(models.Model):

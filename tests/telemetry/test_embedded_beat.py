@@ -43,3 +43,18 @@ def test_no_embedded_beat_with_redis_or_when_disabled(
     settings.REDIS_URL = redis_url
     settings.EMBEDDED_BEAT = enabled
     assert embedded_beat() is None
+
+
+def test_the_single_process_mode_logs_no_line_per_periodic_task(settings: Any) -> None:
+    """Eager task runs logged "Task … succeeded" at INFO, once a second for the ledger drain;
+    the scraper's httpx client logged every request. Failures still log (WARNING and up)."""
+    import logging
+
+    settings.REDIS_URL = ""
+    settings.EMBEDDED_BEAT = True
+    trace = logging.getLogger("celery.app.trace")
+    trace.setLevel(logging.NOTSET)
+    assert embedded_beat() is not None
+    assert not trace.isEnabledFor(logging.INFO) and trace.isEnabledFor(logging.WARNING)
+    scraper = logging.getLogger("httpx")
+    assert not scraper.isEnabledFor(logging.INFO) and scraper.isEnabledFor(logging.WARNING)
