@@ -390,7 +390,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def read_yaml(path: str) -> dict[str, Any]:
     try:
         with Path(path).open(encoding="utf-8") as stream:
             data = yaml.load(stream, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
@@ -566,7 +566,7 @@ def load_configs(paths: Iterable[str]) -> Configs:
     server: ServerConfig | None = None
     users: list[UsersConfig] = []
     for path in _unique(paths):
-        data = _read_yaml(path)
+        data = read_yaml(path)
         kind = _kind(path, data)
         files.append((path, kind))
         if kind == USERS:
