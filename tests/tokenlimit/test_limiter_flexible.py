@@ -161,3 +161,28 @@ def test_backends_agree_on_flexible_admissions() -> None:
         if a.admitted:
             open_rids.append(rid)
     redis_h.loop.run_until_complete(redis_h.backend.close())
+
+
+def test_concurrent_flexible_admissions_in_memory_never_overshoot_on_a_loaded_machine() -> None:
+    """The in-memory twin, from many threads at once (a gateway's worker threads and its event
+    loop): the same guarantee as Redis, held by the backend's lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tokenlimit.limiter_memory import MemoryBackend
+
+    window, floor = 3000, 20
+    backend = MemoryBackend()
+    scopes = [Scope(f"u:{uuid.uuid4().hex[:12]}", limits(tokens_per_minute=window))]
+    day = Day.at(T0, SEOUL)
+
+    def one(_: int) -> Decision:
+        return asyncio.run(backend.admit(scopes, uuid.uuid4().hex, 500, T0, 60.0, day, floor))
+
+    with busy_cores(), ThreadPoolExecutor(max_workers=8) as pool:
+        decisions = list(pool.map(one, range(60)))
+
+    admitted = [d.requested for d in decisions if d.admitted]
+    assert sum(admitted) <= window
+    assert all(n >= floor for n in admitted)
+    assert window - sum(admitted) < floor
+    assert all(d.kind == TOKENS for d in decisions if not d.admitted)
