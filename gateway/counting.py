@@ -180,6 +180,12 @@ def counting_key(model: ModelInfo) -> CounterKey:
     )  # fmt: skip
 
 
+def counter_for(model: ModelInfo) -> TokenCounter:
+    """The model's counter, built from exactly what counting_key names."""
+    name, tokenizer, korean_factor, template, fit = counting_key(model)
+    return get_counter(name, tokenizer, korean_factor, chat_template=template, estimator_fit=fit)
+
+
 class Counters:
     def __init__(self) -> None:
         self._ready: dict[CounterKey, TokenCounter] = {}
@@ -198,7 +204,8 @@ class Counters:
 
     def problem(self, model: ModelInfo) -> str:
         """What is wrong with the model's counting ("" when nothing, or not loaded yet)."""
-        return str(getattr(self._ready.get(counting_key(model)), "problem", ""))
+        counter = self._ready.get(counting_key(model))
+        return counter.problem if counter is not None else ""
 
     async def get(self, model: ModelInfo) -> TokenCounter:
         counter = self._ready.get(counting_key(model))
@@ -208,10 +215,7 @@ class Counters:
         return await loop.run_in_executor(_load_executor, self._load_sync, model)
 
     def _load_sync(self, model: ModelInfo) -> TokenCounter:
-        name, tokenizer, korean_factor, template, fit = counting_key(model)
-        counter = get_counter(
-            name, tokenizer, korean_factor, chat_template=template, estimator_fit=fit
-        )
+        counter = counter_for(model)
         self._ready[counting_key(model)] = counter
         gc.freeze()  # the tokenizer lives as long as the process: see limiter_site/asgi.py
         return counter

@@ -90,13 +90,14 @@ class Readiness:
             and any(u["ok"] for u in upstreams)
         )
         listed = [self._model_entry(m) for m in models]
+        count_problems = _count_problems(listed)
         if not serving:
             status = "unavailable"
         elif any(m["token_counter"] == "loading" for m in listed):
             # Tokenizers load at start-up (seconds for a large one): a load balancer should
             # not send the first requests to wait for them.
             status = "starting"
-        elif all(u["ok"] for u in upstreams) and models and not _count_problems(listed):
+        elif all(u["ok"] for u in upstreams) and models and not count_problems:
             status = "ok"
         else:
             status = "degraded"
@@ -110,7 +111,7 @@ class Readiness:
             | {k: v for k, v in database.items() if k != "dead_letters"},
             "redis": redis_state,
             "models": listed,
-            "warnings": self._warnings(ledger, redis_state, models) + _count_problems(listed),
+            "warnings": self._warnings(ledger, redis_state, models) + count_problems,
         }
 
     def _model_entry(self, model: ModelInfo) -> dict[str, Any]:

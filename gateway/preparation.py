@@ -69,7 +69,7 @@ def prepare(
 ) -> Prepared:
     valid = validate(endpoint, data, ctx)
     prompt = count_prompt(counter, endpoint, valid.fields)
-    if endpoint == CHAT and prompt and chat_is_exact(counter):
+    if endpoint == CHAT and prompt and counter.chat_exact:
         # The model's known difference from its upstream's count (gateway/self_check.py).
         prompt = max(prompt + prompt_offset, 0)
     default_max = (
@@ -143,7 +143,7 @@ def tokenize(counter: TokenCounter, fields: dict[str, Any], context_length: int)
     messages = fields.get("messages")
     tokens: list[int] = []
     # A chat is estimated without a tokenizer, and with one that has no chat template.
-    estimated = not counter.exact or (messages is not None and not chat_is_exact(counter))
+    estimated = not counter.exact or (messages is not None and not counter.chat_exact)
     try:
         if estimated:
             count = (
@@ -169,8 +169,3 @@ def tokenize(counter: TokenCounter, fields: dict[str, Any], context_length: int)
     if estimated:
         result["estimated"] = True
     return result
-
-
-def chat_is_exact(counter: TokenCounter) -> bool:
-    """Whether chat prompts are counted with a real template (TokenizerCounter.chat_exact)."""
-    return bool(getattr(counter, "chat_exact", counter.exact))

@@ -37,9 +37,9 @@ import aiohttp
 from django.conf import settings
 
 from gateway.caches import MODEL_FIELDS, ModelInfo, model_info, run_db
-from gateway.counting import Counters, counting_key
+from gateway.counting import Counters, counter_for, counting_key
 from gateway.upstream import Upstream
-from tokenlimit.tokens import TokenCounter, get_counter
+from tokenlimit.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def verdict(
     gaps = sorted({p["upstream"] - p["gateway"] for p in answered})
     skipped = [p["name"] for p in probes if p["upstream"] is None]
     note = f" ({', '.join(skipped)} not answered)" if skipped else ""
-    if not getattr(counter, "chat_exact", counter.exact):
+    if not counter.chat_exact:
         result.outcome = "estimated"
         result.detail = f"no tokenizer: estimated counts differ by {gaps}{note}"[:500]
     elif gaps == [0]:
@@ -168,7 +168,7 @@ async def probe_upstream(
 async def check_model(
     session: aiohttp.ClientSession, model: ModelInfo, counter: TokenCounter
 ) -> CheckResult:
-    offset = model.prompt_token_offset if getattr(counter, "chat_exact", counter.exact) else 0
+    offset = model.prompt_token_offset if counter.chat_exact else 0
     probes: list[dict[str, Any]] = []
     for name, messages, tools in PROBES:
         own = await asyncio.to_thread(counter.count_chat, messages, tools)
@@ -259,8 +259,7 @@ def check_now(served: Any) -> CheckResult:
 
     values = ServedModel.objects.filter(pk=served.pk).values(*MODEL_FIELDS).get()
     model = model_info(values, settings.SGLANG_URL)
-    name, tokenizer, korean_factor, template, fit = counting_key(model)
-    counter = get_counter(name, tokenizer, korean_factor, chat_template=template, estimator_fit=fit)
+    counter = counter_for(model)
 
     async def probe() -> CheckResult:
         async with aiohttp.ClientSession() as session:

@@ -315,6 +315,7 @@ def refit_estimators(now: datetime | None = None) -> dict[str, dict[str, float]]
     next catalog reload. One query for the models, one per estimating model, one write each."""
     from django.utils import timezone
 
+    from gateway.caches import fit_pairs
     from tokenlimit import estimator_fit
     from tokenlimit.tokens import get_counter
 
@@ -325,9 +326,9 @@ def refit_estimators(now: datetime | None = None) -> dict[str, dict[str, float]]
         counter = get_counter(
             served.name, served.tokenizer, served.korean_factor,
             chat_template=served.chat_template,
-            estimator_fit=tuple(sorted((k, float(v)) for k, v in old.items())),
+            estimator_fit=fit_pairs(old),
         )  # fmt: skip
-        if getattr(counter, "chat_exact", counter.exact):
+        if counter.chat_exact:
             continue
         since = now - timedelta(days=REFIT_WINDOW_DAYS)
         if old.get("fitted_at"):

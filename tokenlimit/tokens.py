@@ -155,6 +155,10 @@ class TokenCounter:
 
     source: str = ""
     exact: bool = False
+    # Chats counted with a real template (a tokenizer without one estimates them) and, if not,
+    # why: what readiness, the admin, the self-check and the offset read.
+    chat_exact: bool = False
+    problem: str = ""
     vocab_size: int | None = None  # token ids at or above it are invalid; None: unknown
 
     def count_text(self, text: str) -> int:
