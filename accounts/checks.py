@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
+from django.db import DatabaseError, connections
+from django.db.migrations.executor import MigrationExecutor
 from django.utils.translation import gettext
 
 
@@ -51,3 +54,69 @@ def check_allowed_hosts(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
             )
         ]
     return []
+
+
+@register("limiter", deploy=True)
+def check_quick_start_keys(
+    app_configs: Any, databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """The quick start's API keys are in the public README: anyone could spend with them."""
+    if not database_ready(databases):
+        return []
+    from accounts.services import quick_start_keys_in_use  # models are loaded by now
+
+    prefixes = quick_start_keys_in_use()
+    if not prefixes:
+        return []
+    return [
+        Error(
+            gettext("The public quick-start API keys are still active: %(keys)s")
+            % {"keys": ", ".join(prefixes)},
+            hint=gettext(
+                "Revoke them in the admin (API keys, action “Revoke”) before opening the "
+                "gateway to anyone."
+            ),
+            id="accounts.E010",
+        )
+    ]
+
+
+@register("limiter", deploy=True)
+def check_database_migrated(
+    app_configs: Any, databases: Sequence[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """The other database checks need the tables; a gateway started on an old schema would
+    fail its requests. Only this check reports a database it cannot read."""
+    for alias in databases or ():
+        try:
+            executor = MigrationExecutor(connections[alias])
+            pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
+        except DatabaseError as exc:
+            return [
+                Error(
+                    gettext("The database cannot be read: %(error)s") % {"error": exc},
+                    hint=gettext("Check DATABASE_URL and that the database server answers."),
+                    id="accounts.E011",
+                )
+            ]
+        if pending:
+            return [
+                Error(
+                    gettext("%(count)d database migrations are not applied.")
+                    % {"count": len(pending)},
+                    hint=gettext("Run the migrate role (`manage.py migrate`) before the gateways."),
+                    id="accounts.E012",
+                )
+            ]
+    return []
+
+
+def database_ready(databases: Sequence[str] | None) -> bool:
+    """Whether the database checks may query (check_database_migrated says why not)."""
+    if not databases:
+        return False
+    try:
+        executor = MigrationExecutor(connections[databases[0]])
+        return not executor.migration_plan(executor.loader.graph.leaf_nodes())
+    except DatabaseError:
+        return False

@@ -50,6 +50,7 @@ from gateway.upstream import Upstream, tokenize_upstream
 from gateway.upstream_kinds import DetectedKinds
 from quotas.request_policy import model_allowed
 from quotas.services import KeyGrant
+from tokenlimit import log_context
 from tokenlimit.limiter import Clock, ratelimit_headers, system_clock
 from tokenlimit.tokens import TokenCounter
 
@@ -111,6 +112,9 @@ class Gateway:
             await self._lifespan(receive, send)
             return
         out = Responder(send, uuid.uuid4().hex)
+        # Every line logged under this request carries its id (each ASGI call is its own task,
+        # so the value ends with it).
+        log_context.request_id.set(out.request_id)
         try:
             await self._dispatch(scope, receive, out)
         except ClientDisconnected:
@@ -493,7 +497,9 @@ class Gateway:
     async def serve_metrics(self, scope: AsgiScope, receive: Receive, out: Responder) -> None:
         if not monitoring.is_monitoring(scope):
             raise monitoring.forbidden("/metrics")
-        ledger = (await self.readiness.report())["ledger"]
+        report = await self.readiness.report()
+        ledger = report["ledger"]
+        metrics.observe_readiness(report)
         metrics.LEDGER_BACKLOG.set(self.ledger.pending)
         metrics.LEDGER_OLDEST_PENDING.set(ledger["oldest_pending_seconds"])
         if ledger.get("dead_letters") is not None:

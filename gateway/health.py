@@ -18,11 +18,13 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
 from django.conf import settings
 from django.db import close_old_connections, connection
+from django.utils import timezone
 
 from gateway import upstream_kinds
 from gateway.caches import ModelCatalog, ModelInfo
@@ -30,7 +32,7 @@ from gateway.ledger import LedgerWriter
 from gateway.upstream import Upstream
 from gateway.upstream_kinds import DetectedKinds, traits
 from quotas import ledger_stream
-from quotas.models import LedgerDeadLetter
+from quotas.models import DeliveryStatus, LedgerDeadLetter, QuotaAlertDelivery
 
 CHECK_TIMEOUT = 2.0
 REPORT_TTL = 1.0
@@ -285,9 +287,16 @@ async def _ping_database() -> dict[str, Any]:
 
 
 def _ping() -> dict[str, Any]:
-    # The ping is a useful query: dead letters waiting for a replay (an indexed count).
+    # The ping is two useful queries (indexed counts): dead letters waiting for a replay, and
+    # quota alerts that could not be delivered in the last hour (a mail server down).
     close_old_connections()
-    return {"dead_letters": LedgerDeadLetter.objects.filter(replayed_at__isnull=True).count()}
+    hour_ago = timezone.now() - timedelta(hours=1)
+    return {
+        "dead_letters": LedgerDeadLetter.objects.filter(replayed_at__isnull=True).count(),
+        "quota_alert_failures": QuotaAlertDelivery.objects.filter(
+            status=DeliveryStatus.FAILED, created_at__gte=hour_ago
+        ).count(),
+    }
 
 
 def _count_problems(models: list[dict[str, Any]]) -> list[str]:

@@ -88,6 +88,28 @@ LEDGER_DEAD_LETTERS = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+# Readiness, as gauges an alert rule can watch (set at every scrape from /health/ready's report).
+READY = Gauge(
+    "gateway_ready", "1 when this gateway serves (readiness ok or degraded), else 0.",
+    multiprocess_mode="mostrecent",
+)  # fmt: skip
+UPSTREAM_UP = Gauge(
+    "gateway_upstream_up", "1 when the upstream answers its health probe, else 0.",
+    ["upstream"], multiprocess_mode="mostrecent",
+)  # fmt: skip
+DATABASE_UP = Gauge(
+    "gateway_database_up", "1 when the database answers, else 0.", multiprocess_mode="mostrecent"
+)
+REDIS_UP = Gauge(
+    "gateway_redis_up", "1 when Redis answers (and keeps what the ledger needs), else 0.",
+    multiprocess_mode="mostrecent",
+)  # fmt: skip
+QUOTA_ALERT_FAILURES = Gauge(
+    "gateway_quota_alert_failures",
+    "Quota alert deliveries (e-mail, webhook) that failed in the last hour.",
+    multiprocess_mode="mostrecent",
+)
+
 
 def exposition() -> tuple[bytes, str]:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -137,3 +159,17 @@ def observe_refused(username: str, status: int, kind: str) -> None:
     series(REQUESTS, "", str(status), *user).inc()
     if status == 429:
         series(RATE_LIMITED, kind, *user).inc()
+
+
+def observe_readiness(report: dict[str, Any]) -> None:
+    """The readiness report (gateway/health.py) as gauges, for alert rules."""
+    READY.set(1 if report["status"] in ("ok", "degraded") else 0)
+    for upstream in report["upstreams"]:
+        series(UPSTREAM_UP, upstream["url"]).set(1 if upstream["ok"] else 0)
+    database = report["database"]
+    DATABASE_UP.set(1 if database.get("ok") else 0)
+    if database.get("quota_alert_failures") is not None:
+        QUOTA_ALERT_FAILURES.set(database["quota_alert_failures"])
+    redis = report["redis"]
+    if redis.get("ok") is not None:  # None: no Redis configured
+        REDIS_UP.set(1 if redis["ok"] and not redis.get("persistence_problem") else 0)

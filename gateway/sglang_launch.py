@@ -16,9 +16,17 @@ current SGLang (`python -m sglang.launch_server --help`; `python/sglang/srt/serv
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shlex
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
 
 # name → (flag, kind): "int", "float", "str", "bool" (a store_true flag), or a tuple of choices.
 Kind = str | tuple[str, ...]
@@ -145,3 +153,69 @@ def _flag(key: str, value: Any, _: Callable[[str], str]) -> list[str]:
     if kind == "str" and not isinstance(value, str):
         raise ValueError(_("%(key)s: expected text") % {"key": key})
     return [flag, str(value)]
+
+
+def add_arguments(parser: argparse.ArgumentParser, _: Callable[[str], str] = str) -> None:
+    """The launcher's options, for `manage.py launch_sglang` and `python -m` alike."""
+    parser.add_argument("--config", default="config/sglang_korean.yaml")
+    parser.add_argument("--host", default=None, help=_("Default: sglang_server.host."))
+    parser.add_argument("--port", type=int, default=None, help=_("Default: sglang_server.port."))
+    parser.add_argument(
+        "--python", default=sys.executable, help=_("The Python that has SGLang installed.")
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--print", action="store_true", help=_("Print the command (default)."))
+    mode.add_argument("--exec", action="store_true", help=_("Replace this process by SGLang."))
+    mode.add_argument(
+        "--json",
+        action="store_true",
+        help=_("Print the command as a JSON list (a container's command in compose or Helm)."),
+    )
+
+
+class Writer(Protocol):
+    def write(self, text: str, /) -> Any: ...
+
+
+def emit(launch: LaunchCommand, options: Mapping[str, Any], out: Writer) -> None:
+    """Exec SGLang, or print its command (JSON: the arguments after the Python, as a container
+    command takes them)."""
+    if options.get("exec"):
+        os.execvp(launch.args[0], launch.args)
+    if options.get("json"):
+        out.write(json.dumps(launch.args[1:], ensure_ascii=False) + "\n")
+        return
+    out.write(shlex.join(launch.args) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gateway.sglang_launch`: the launcher without Django, for an image built on
+    SGLang's own (its Python has PyYAML, not the gateway's packages: deploy/docker/Dockerfile)."""
+    parser = argparse.ArgumentParser(prog="python -m gateway.sglang_launch")
+    add_arguments(parser)
+    options = vars(parser.parse_args(argv))
+    try:
+        with Path(options["config"]).open(encoding="utf-8") as file:
+            data = yaml.safe_load(file)
+    except (OSError, yaml.YAMLError) as exc:
+        print(f"{options['config']}: {exc}", file=sys.stderr)
+        return 2
+    server = data.get("sglang_server") if isinstance(data, dict) else None
+    if not isinstance(server, dict) or "model_path" not in server:
+        print(f"{options['config']} has no sglang_server.model_path", file=sys.stderr)
+        return 2
+    try:
+        launch = launch_command(
+            server, python=options["python"], host=options["host"], port=options["port"]
+        )
+    except ValueError as exc:
+        print(f"{options['config']}: sglang_args.{exc}", file=sys.stderr)
+        return 2
+    for note in launch.notes:
+        print(f"sglang_args.{note}", file=sys.stderr)
+    emit(launch, options, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,7 @@ the process at start-up with the variable's name rather than surfacing later as 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -210,6 +211,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so that every line logged for the request carries its id.
+    "limiter_site.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Static files (the admin's CSS, Swagger UI) from the ASGI server itself, right after the
     # security headers and before anything that reads a session.
@@ -361,7 +364,9 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+# The container image collects the static files at build time into a read-only STATIC_ROOT
+# outside LIMITER_VAR_DIR (a volume there would hide them).
+STATIC_ROOT = Path(env_str("STATIC_ROOT", str(VAR_DIR / "static")))
 # `collectstatic` fills STATIC_ROOT (deploy/quickstart.sh does); without it (a test run, a
 # developer's server) WhiteNoise finds the files in the apps and packages themselves.
 WHITENOISE_USE_FINDERS = env_bool("STATIC_FROM_APPS", True)
@@ -489,11 +494,32 @@ LIMITER_DEFAULT_MAX_TOKENS = env_int("LIMITER_DEFAULT_MAX_TOKENS", 4096, minimum
 # choice (below it, a 429 with the time until that much is free), sent upstream as max_tokens.
 LIMITER_MIN_COMPLETION_TOKENS = env_int("LIMITER_MIN_COMPLETION_TOKENS", 16, minimum=1)
 
+# LOG_FORMAT=json: one JSON object a line (for Loki, Elasticsearch, CloudWatch…); plain for a
+# terminal. Both carry the request id (the `x-request-id` answered to the client and kept in the
+# ledger row) and are redacted: no API key, token or password reaches a log (tokenlimit/
+# log_context.py).
+LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ("plain", "json"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "tokenlimit.log_context.RequestIdFilter"}},
+    "formatters": {
+        "plain": {
+            "()": "tokenlimit.log_context.PlainFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s",
+        },
+        "json": {
+            "()": "tokenlimit.log_context.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s",
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["request_id"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
@@ -501,5 +527,14 @@ LOGGING = {
         # TELEMETRY_SCRAPE_SECONDS said nothing an operator needs (failures still log).
         "httpx": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
+        # uvicorn set up its own handlers before loading us; ours replace them, so that its
+        # lines (start, stop, access) have the same format as every other.
+        "uvicorn": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        "uvicorn.error": {"handlers": [], "propagate": True},
+        "uvicorn.access": {"handlers": ["console"], "level": "INFO", "propagate": False},
     },
 }
+# Python's warnings too (a library's deprecation), rather than as raw lines on stderr.
+logging.captureWarnings(True)
+# Celery's worker and beat log through the configuration above instead of their own format.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False

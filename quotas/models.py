@@ -378,6 +378,8 @@ class QuotaAlertDelivery(models.Model):
                 fields=["alert", "period_start"], name="quotas_alert_delivery_once"
             )
         ]
+        # The gateways' readiness counts the last hour's failures (gateway/health.py).
+        indexes = [models.Index(fields=["status", "created_at"], name="quotas_delivery_status_at")]
 
     def __str__(self) -> str:
         return f"{self.alert_id} @ {self.period_start:%Y-%m-%d %H:%M}"

@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,69 @@ def test_lifespan_shutdown_ships_the_spool_and_stops_the_writer(
     assert gateway.ledger._thread is None and gateway.ledger._spool is None
     mine = f"~{os.getpid()}~"
     assert not [p for p in Path(settings.LEDGER_SPOOL_DIR).glob("*.lock") if mine in p.name]
+
+
+async def ready_and_series(gateway: Gateway) -> tuple[dict[str, Any], dict[str, float]]:
+    """The readiness report, and /metrics' samples by name and labels: `name{label=value}`
+    (the registry is the process's: other tests' series are there too)."""
+    transport = httpx2.ASGITransport(app=gateway)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx2.AsyncClient(transport=transport, base_url="http://gw") as http:
+        report = (await http.get("/health/ready", headers=headers)).json()
+        text = (await http.get("/metrics", headers=headers)).text
+    series = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            series[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return report, series
+
+
+@pytest.mark.django_db(transaction=True)
+def test_readiness_and_failed_quota_alerts_are_exported_as_gauges(
+    gateway: Gateway, settings: Any, upstream: str, django_user_model: Any
+) -> None:
+    """What the alert rules watch (deploy/monitoring/alerts.yml): readiness, each upstream, the
+    database, and the quota alerts that could not be sent in the last hour."""
+    from django.utils import timezone
+
+    from quotas.models import AlertWindow, DeliveryStatus, QuotaAlert, QuotaAlertDelivery
+
+    settings.REDIS_URL = ""
+    user = django_user_model.objects.create(username=f"gauges-{uuid.uuid4().hex[:6]}")
+    alert = QuotaAlert.objects.create(
+        user=user, window=AlertWindow.TOKENS_PER_DAY, threshold_percent=80
+    )
+    now = timezone.now()
+    for hours_ago, status in ((0.1, DeliveryStatus.FAILED), (0.2, DeliveryStatus.SENT),
+                              (3, DeliveryStatus.FAILED)):  # fmt: skip
+        QuotaAlertDelivery.objects.create(
+            alert=alert, period_start=now - timedelta(hours=hours_ago),
+            created_at=now - timedelta(hours=hours_ago), channel="email", status=status,
+        )  # fmt: skip
+    report, values = asyncio.run(ready_and_series(gateway))
+    assert report["status"] in ("ok", "degraded")
+    assert values["gateway_ready"] == 1
+    assert values[f"gateway_upstream_up{{upstream={upstream}}}"] == 1
+    assert values["gateway_database_up"] == 1
+    assert values["gateway_quota_alert_failures"] == 1  # the one within the hour
+    assert report["database"]["quota_alert_failures"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dead_upstream_and_a_redis_without_persistence_show_as_down(settings: Any) -> None:
+    settings.GATEWAY_MONITORING_TOKEN = TOKEN
+    settings.SGLANG_URL = f"http://127.0.0.1:{free_port()}"  # nobody listens
+    redis_server = RedisProcess(free_port())  # no append-only file
+    redis_server.start()
+    settings.REDIS_URL = f"redis://127.0.0.1:{redis_server.port}/0"
+    made = Gateway()
+    try:
+        report, values = asyncio.run(ready_and_series(made))
+    finally:
+        asyncio.run(made.close())
+        redis_server.stop()
+    assert report["status"] == "unavailable"
+    assert values["gateway_ready"] == 0
+    assert values[f"gateway_upstream_up{{upstream={settings.SGLANG_URL}}}"] == 0
+    assert values["gateway_redis_up"] == 0
