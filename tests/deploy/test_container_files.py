@@ -204,3 +204,8 @@ def test_compose_refuses_to_start_without_the_secrets(tmp_path: Path) -> None:
         result = run(docker_compose(), "-f", str(COMPOSE), "--env-file", str(env), "config")
         assert result.returncode != 0
         assert f"required variable {missing} is missing" in result.stderr
+
+
+def test_the_yaml_files_pass_yamllint() -> None:
+    result = run(tool("yamllint"), "--strict", "-c", str(DEPLOY / ".yamllint.yaml"), str(DEPLOY))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import psycopg
 import pytest
 from django.conf import settings
 
+from tests.conftest import _missing
 from tests.procs import ROOT, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
@@ -197,6 +199,44 @@ def _rows(database_url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tup
 
 
 @contextmanager
+def nginx_in_front(scratch: Path, ports: list[int]) -> Iterator[str]:
+    """Debian's nginx with deploy/nginx/gateway.conf. Two edits for a machine without Docker:
+    the replicas' addresses instead of Docker's DNS name (and no resolver), and log files."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        _missing("nginx is missing: apt-get install nginx-light (.ci/run does)")
+    port = free_port()
+    conf = (ROOT / "deploy" / "nginx" / "gateway.conf").read_text()
+    conf = re.sub(r"^resolver .*$", "", conf, flags=re.MULTILINE)
+    servers = "".join(f"server 127.0.0.1:{p};\n    " for p in ports)
+    conf = conf.replace("server gateway:8080 resolve;\n    ", servers)
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace(
+        "access_log /dev/stdout limiter;", f"access_log {scratch}/nginx-access.log limiter;"
+    )
+    (scratch / "gateway.conf").write_text(conf)
+    (scratch / "nginx.conf").write_text(
+        f"pid {scratch}/nginx.pid;\nerror_log {scratch}/nginx-error.log;\n"
+        f"events {{}}\nhttp {{ client_body_temp_path {scratch}/nginx-body; "
+        f"proxy_temp_path {scratch}/nginx-proxy; include {scratch}/gateway.conf; }}\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(scratch / "nginx.conf"), "-g", "daemon off;"])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/health")
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextmanager
 def stopping(roles: Roles) -> Iterator[dict[str, int]]:
     codes: dict[str, int] = {}
     try:
@@ -258,6 +298,30 @@ def test_roles_serve_end_to_end(fresh_database: str, redis_url: str, tmp_path: P
             usage = [chunk.usage for chunk in stream if chunk.usage]
             assert usage and usage[-1].completion_tokens == 8
 
+        # deploy/nginx/gateway.conf in front of both, as in compose: requests spread over the
+        # gateways, streams pass unbuffered, /metrics is not reachable through it.
+        proxy = stack.enter_context(nginx_in_front(tmp_path, [gw1, gw2]))
+        client = openai.OpenAI(base_url=f"{proxy}/v1", api_key=USER_KEY, max_retries=0)
+        for _ in range(4):
+            answer = client.chat.completions.with_raw_response.create(
+                model="korean-qwen", messages=[{"role": "user", "content": "프록시"}], max_tokens=4
+            )
+            request_ids.append(answer.headers["x-request-id"])
+        stream = client.chat.completions.create(
+            model="korean-qwen", messages=[{"role": "user", "content": "프록시 스트림"}],
+            max_tokens=6, stream=True,
+        )  # fmt: skip
+        assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content) == 6
+        assert (
+            httpx.get(f"{proxy}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code
+            == 404
+        )
+        upstreams = [
+            json.loads(line)["upstream"]
+            for line in (tmp_path / "nginx-access.log").read_text().splitlines()
+        ]
+        assert {f"127.0.0.1:{gw1}", f"127.0.0.1:{gw2}"} <= set(upstreams)
+
         # Gateways → Redis stream → the worker (its drain scheduled by beat) → Postgres.
         def billed() -> list[tuple[Any, ...]]:
             rows = _rows(
@@ -268,17 +332,17 @@ def test_roles_serve_end_to_end(fresh_database: str, redis_url: str, tmp_path: P
             )
             return rows if len(rows) == len(request_ids) else []
 
-        rows = poll("ledger rows from both gateways", billed, roles)
-        assert sorted(r[1] for r in rows) == [8, 8]
+        rows = poll("ledger rows from both gateways and the proxy", billed, roles)
+        assert sorted(r[1] for r in rows) == [4, 4, 4, 4, 8, 8]
         total = poll(
-            "all four requests in the ledger",
+            "all nine requests in the ledger",
             lambda: (
-                (n := _rows(fresh_database, "SELECT count(*) FROM quotas_usagerecord")[0][0]) >= 4
+                (n := _rows(fresh_database, "SELECT count(*) FROM quotas_usagerecord")[0][0]) >= 9
                 and n
             ),
             roles,
         )
-        assert total == 4
+        assert total == 9  # 2 + 2 streamed direct, 4 + 1 streamed through nginx
         # Beat's scrape schedule, run by the worker, against the simulator.
         poll(
             "an SGLang sample scraped",
