@@ -57,22 +57,28 @@ WINDOW_NAMES = {
 }
 
 
+def limiter_redis_url() -> str:
+    """Where the limiter's state lives: LIMITER_REDIS_URL, else REDIS_URL, else in memory ("")."""
+    return str(settings.LIMITER_REDIS_URL or settings.REDIS_URL)
+
+
 def make_backend() -> Backend:
-    if settings.REDIS_URL:
+    if limiter_redis_url():
         from tokenlimit.limiter_redis import RedisBackend
 
         return RedisBackend(
-            settings.REDIS_URL,
+            limiter_redis_url(),
             settings.LIMITER_REDIS_CONNECT_TIMEOUT,
             settings.LIMITER_REDIS_PREFIX,
             reply_timeout=settings.LIMITER_REDIS_REPLY_TIMEOUT,
             pool_size=settings.LIMITER_REDIS_POOL_SIZE,
+            cluster=settings.LIMITER_REDIS_CLUSTER,
         )
     return MemoryBackend()
 
 
 _embedded: MemoryBackend | None = None
-_readers: dict[tuple[str, float, float, int], RedisReader] = {}
+_readers: dict[tuple[str, float, float, int, bool], RedisReader] = {}
 _shared_lock = threading.Lock()
 
 
@@ -84,7 +90,7 @@ def shared_backend() -> Backend:
     through Redis and each gateway gets its own RedisBackend: its asyncio pool belongs to the
     gateway's event loop and is closed with it.
     """
-    if settings.REDIS_URL:
+    if limiter_redis_url():
         return make_backend()
     return _embedded_backend()
 
@@ -103,17 +109,19 @@ def _redis_reader() -> RedisReader:
     from tokenlimit.limiter_redis import RedisReader
 
     setting = (
-        settings.REDIS_URL,
+        limiter_redis_url(),
         settings.LIMITER_REDIS_CONNECT_TIMEOUT,
         settings.LIMITER_REDIS_REPLY_TIMEOUT,
         settings.LIMITER_REDIS_POOL_SIZE,
+        settings.LIMITER_REDIS_CLUSTER,
     )
     with _shared_lock:
         reader = _readers.get(setting)
         if reader is None:
             reader = _readers[setting] = RedisReader(
-                setting[0], setting[1], reply_timeout=setting[2], pool_size=setting[3]
-            )
+                setting[0], setting[1], reply_timeout=setting[2], pool_size=setting[3],
+                cluster=setting[4],
+            )  # fmt: skip
         return reader
 
 
@@ -126,7 +134,7 @@ def read_live_state(scopes: list[Scope], *, now: float | None = None) -> list[Sc
     """
     at = system_clock() if now is None else now
     day = Day.at(at, ZoneInfo(settings.LIMITER_TIME_ZONE))
-    if settings.REDIS_URL:
+    if limiter_redis_url():
         return _redis_reader().peek(scopes, at, day, settings.LIMITER_REDIS_PREFIX)
     return _embedded_backend().peek_sync(scopes, at, day)
 

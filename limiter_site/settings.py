@@ -472,6 +472,13 @@ LIMITER_REDIS_REPLY_TIMEOUT = env_float("LIMITER_REDIS_REPLY_TIMEOUT", 2.0, mini
 LIMITER_REDIS_POOL_SIZE = env_int("LIMITER_REDIS_POOL_SIZE", 64, minimum=1)
 # Lets several deployments (or test runs) share one Redis without sharing counters.
 LIMITER_REDIS_PREFIX = env_str("LIMITER_REDIS_PREFIX", "lim")
+# The limiter's state (the hot path: one script call a request) on a Redis of its own, e.g. a
+# Redis Cluster (LIMITER_REDIS_CLUSTER=1; any node's URL, the others are discovered). A user's
+# keys share one hash slot, so each call runs on one node. Default: REDIS_URL. The ledger
+# stream, Celery's broker and the channel layer stay on REDIS_URL: Celery's Redis transport
+# does not speak the cluster protocol.
+LIMITER_REDIS_URL = env_str("LIMITER_REDIS_URL", "")
+LIMITER_REDIS_CLUSTER = env_bool("LIMITER_REDIS_CLUSTER", False)
 # The REST API's throttle counts live in this cache (api/throttling.py).
 if REDIS_URL:
     CACHES = {

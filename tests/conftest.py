@@ -8,7 +8,9 @@ go green by skipping them.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,3 +163,14 @@ def _require_redis_persistence() -> None:
         pass  # not reachable: the tests that need it say so (the redis_url fixture)
     finally:
         connection.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real three-node Redis Cluster for this test session (tests/procs.py), as a node URL."""
+    from tests.procs import redis_cluster
+
+    if shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists():
+        _missing("needs redis-server for the Redis Cluster tests")
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as ports:
+        yield f"redis://127.0.0.1:{ports[0]}/0"

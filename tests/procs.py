@@ -187,3 +187,60 @@ def busy_cores() -> Iterator[None]:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+
+
+@contextmanager
+def redis_cluster(directory: Path, nodes: int = 3) -> Iterator[list[int]]:
+    """A real Redis Cluster of `nodes` masters (redis-server processes on loopback, slots split
+    by `redis-cli --cluster create`); yields their ports."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    ports = [free_port() for _ in range(nodes)]
+    procs = []
+    try:
+        for port in ports:
+            node_dir = directory / f"node-{port}"
+            node_dir.mkdir(parents=True)
+            procs.append(subprocess.Popen(
+                # The bus port given: the default (port + 10000) may be taken or out of range.
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-port", str(free_port()), "--cluster-config-file", "nodes.conf",
+                 "--dir", str(node_dir), "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL,
+            ))  # fmt: skip
+        for port in ports:
+            _wait_port(port)
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = [_cluster_info(cli, p) for p in ports]
+            if all("cluster_state:ok" in state for state in states):
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+        yield ports
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _cluster_info(cli: str, port: int) -> str:
+    return subprocess.run(
+        [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=10
+    ).stdout

@@ -93,10 +93,23 @@ class RedisBackend:
         *,
         reply_timeout: float = 2.0,
         pool_size: int = 64,
+        cluster: bool = False,
     ) -> None:
         self.prefix = prefix
         # Waiting for a free connection, connecting and the reply share one deadline.
         self.deadline = connect_timeout + reply_timeout
+        self.client: Any
+        if cluster:
+            # A Redis Cluster: `url` names any node; a call goes to the node owning its keys'
+            # slot (one slot per user, scope_keys), and a moved slot is followed.
+            self.client = aioredis.RedisCluster.from_url(
+                url,
+                max_connections=pool_size,
+                socket_timeout=reply_timeout,
+                socket_connect_timeout=connect_timeout,
+            )
+            self.script = self.client.register_script(LUA)
+            return
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=pool_size,
@@ -169,15 +182,32 @@ class RedisBackend:
 
     async def close(self) -> None:
         await self.client.aclose()
-        await self.client.connection_pool.disconnect()
+        if isinstance(self.client, aioredis.Redis):
+            await self.client.connection_pool.disconnect()
 
 
 class RedisReader:
     """Synchronous, thread-safe peeks (module docstring); one per process is enough."""
 
     def __init__(
-        self, url: str, connect_timeout: float, *, reply_timeout: float, pool_size: int
+        self,
+        url: str,
+        connect_timeout: float,
+        *,
+        reply_timeout: float,
+        pool_size: int,
+        cluster: bool = False,
     ) -> None:
+        self.client: Any
+        if cluster:
+            self.client = redis.RedisCluster.from_url(
+                url,
+                max_connections=pool_size,
+                socket_timeout=reply_timeout,
+                socket_connect_timeout=connect_timeout,
+            )
+            self.script = self.client.register_script(LUA)
+            return
         # Each step has its own bound here (no event loop to put one deadline around the call):
         # a free connection within the reply timeout, connecting within the connect timeout,
         # the reply within the reply timeout; a refused connection fails at once.
@@ -202,7 +232,8 @@ class RedisReader:
 
     def close(self) -> None:
         self.client.close()
-        self.client.connection_pool.disconnect()
+        if isinstance(self.client, redis.Redis):
+            self.client.connection_pool.disconnect()
 
 
 def readings(scopes: list[Scope], raw: list[Any]) -> list[ScopeReading]:

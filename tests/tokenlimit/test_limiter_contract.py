@@ -107,7 +107,13 @@ def merged(readings: list[ScopeReading]) -> WindowState:
     return merge_states([dataclasses.replace(reading.state) for reading in readings])
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),  # three nodes (tests/procs.py)
+    ]
+)
 def make(request: pytest.FixtureRequest) -> Iterator[object]:
     made: list[Harness] = []
     backend_factory: Any
@@ -118,8 +124,11 @@ def make(request: pytest.FixtureRequest) -> Iterator[object]:
 
         from tokenlimit.limiter_redis import RedisBackend
 
+        cluster = request.param == "redis-cluster"
+        url = request.getfixturevalue("redis_cluster_url") if cluster else settings.REDIS_URL
+
         def backend_factory() -> RedisBackend:
-            return RedisBackend(settings.REDIS_URL, 2.0)
+            return RedisBackend(url, 2.0, cluster=cluster)
 
     def factory(limits_: Limits, key_limits: Limits | None = None) -> Harness:
         harness = Harness(backend_factory(), limits_, key_limits)
