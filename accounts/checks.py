@@ -9,7 +9,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.db import DatabaseError, connections
 from django.db.migrations.executor import MigrationExecutor
-from django.utils.translation import gettext
+from django.utils.translation import gettext, ngettext
 
 
 @register("security", deploy=False)
@@ -102,7 +102,11 @@ def check_database_migrated(
         if pending:
             return [
                 Error(
-                    gettext("%(count)d database migrations are not applied.")
+                    ngettext(
+                        "%(count)d database migration is not applied.",
+                        "%(count)d database migrations are not applied.",
+                        len(pending),
+                    )
                     % {"count": len(pending)},
                     hint=gettext("Run the migrate role (`manage.py migrate`) before the gateways."),
                     id="accounts.E012",

@@ -146,6 +146,9 @@ DEBUG = env_bool("DEBUG", False)
 # The development default is refused by accounts.checks when DEBUG is off.
 DEVELOPMENT_SECRET_KEY = "dev-only-insecure-secret-key-change-me"
 SECRET_KEY = env_str("SECRET_KEY", DEVELOPMENT_SECRET_KEY)
+# Rotation (docs/operations.md): the new key in SECRET_KEY, the old one here until every
+# session and signed link made with it has expired; comma-separated.
+SECRET_KEY_FALLBACKS = env_list("SECRET_KEY_FALLBACKS")
 # Never "*" by default: in development this machine's names, in production the operator's own
 # (accounts.checks refuses to start without them). The API ignores Host; the admin, the pages and
 # the websocket's origin check (telemetry/routing.py) do not.

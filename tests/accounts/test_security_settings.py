@@ -26,7 +26,18 @@ PRODUCTION = {
 def check_deploy(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("DEBUG", "ALLOWED_HOSTS", "HTTPS")}
     return subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        # The security checks: the project's own deploy checks (upstreams, Redis, static files:
+        # tests/deploy/test_preflight_checks.py) ask for a running stack.
+        [
+            sys.executable,
+            "manage.py",
+            "check",
+            "--deploy",
+            "--tag",
+            "security",
+            "--fail-level",
+            "WARNING",
+        ],
         cwd=ROOT,
         env={**clean, **env},
         capture_output=True,
@@ -99,3 +110,27 @@ def test_the_admin_login_locks_out_after_repeated_failures() -> None:
         "/admin/login/", {"username": "관리자", "password": "the-right-password-9"}
     )
     assert response.status_code == 302 and "_auth_user_id" in other.session
+
+
+def test_an_old_secret_key_still_verifies_while_it_is_a_fallback() -> None:
+    """Rotation (docs/operations.md): what the old key signed stays valid while it is listed."""
+    old, new = "old-" + "a1B2c3D4" * 8, "new-" + "e5F6g7H8" * 8
+    script = (
+        "import django, sys; django.setup(); from django.core import signing; "
+        "print(signing.loads(sys.argv[1]))"
+    )
+    signed = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup(); from django.core import signing;"
+         " print(signing.dumps('session'))"],
+        cwd=ROOT, env={**os.environ, **PRODUCTION, "SECRET_KEY": old,
+                       "DJANGO_SETTINGS_MODULE": "limiter_site.settings"},
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.strip()  # fmt: skip
+    for fallbacks, expected in ((old, 0), ("", 1)):
+        result = subprocess.run(
+            [sys.executable, "-c", script, signed], cwd=ROOT,
+            env={**os.environ, **PRODUCTION, "SECRET_KEY": new, "SECRET_KEY_FALLBACKS": fallbacks,
+                 "DJANGO_SETTINGS_MODULE": "limiter_site.settings"},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == expected, result.stderr

@@ -56,6 +56,15 @@ def test_the_dockerfile_passes_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_dockerfile_passes_checkov() -> None:
+    checkov = ROOT / ".venv-checkov" / "bin" / "checkov"
+    if not checkov.exists():
+        pytest.fail("checkov is missing: bash deploy/test.sh installs it in .venv-checkov/")
+    result = run(str(checkov), "-f", str(DOCKERFILE), "--framework", "dockerfile", "--quiet",
+                 "--compact", "--skip-download")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
 def test_the_shell_scripts_pass_shellcheck() -> None:
     scripts = sorted(str(p) for p in DEPLOY.rglob("*.sh"))
     assert str(ENTRYPOINT) in scripts

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway.sglang_launch import launch_command
 from tests.procs import ROOT
 
 CHART = ROOT / "deploy" / "helm" / "korean-token-limiter"
@@ -153,8 +154,10 @@ def test_production_values_run_sglang_on_gpus(production: list[dict[str, Any]]) 
     assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
     config = by_kind(production, "ConfigMap")[f"{FULL}-config"]["data"]
     assert config["SGLANG_URL"] == f"http://{FULL}-sglang:30000"
-    # The official image instead, with the launcher's arguments.
-    args = ["-m", "sglang.launch_server", "--model-path", "Qwen/Qwen2.5-7B-Instruct"]
+    # The official image instead, with the launcher's arguments as `launch_sglang --json`
+    # prints them (README: helm --set-json sglang.args="$(manage.py launch_sglang --json …)").
+    config = yaml.safe_load((ROOT / "config" / "sglang_korean.yaml").read_text())
+    args = launch_command(config["sglang_server"], host="0.0.0.0", port=30000).args[1:]
     official = render(PRODUCTION | {"sglang": {"enabled": True, "args": args}})
     (container,) = by_kind(official, "Deployment")[f"{FULL}-sglang"]["spec"]["template"]["spec"][
         "containers"]  # fmt: skip
@@ -226,6 +229,7 @@ def test_checkov_finds_no_policy_violation(tmp_path: Path) -> None:
             (folder / f"{index:02d}-{o['kind']}.yaml").write_text(yaml.safe_dump(o))
     result = subprocess.run(
         [checkov(), "-d", str(tmp_path), "--framework", "kubernetes", "--quiet", "--compact",
+         "--skip-download",
          "--skip-check", ",".join(CHECKOV_SKIPPED)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
