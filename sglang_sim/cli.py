@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sglang_sim.jobs import DEFAULT_MODEL, KINDS, SimulatorConfig
+from sglang_sim.jobs import DEFAULT_MODEL, ENGINES, KINDS, SimulatorConfig
 from sglang_sim.server import serve
 
 Translate = Callable[[str], str]
@@ -95,16 +95,53 @@ def add_arguments(parser: ArgumentParser, _: Translate = untranslated) -> None:
         default="",
         help=_("A Jinja chat template file to render prompts with, instead of the tokenizer's."),
     )
+    gpu = parser.add_argument_group(_("GPU-like engine (--engine gpu, sglang_sim/engine.py)"))
+    gpu.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=defaults.engine,
+        help=_(
+            "fixed: each request at --tokens-per-second however many run; gpu: continuous "
+            "batching, a step time growing with the batch, prefill, KV budget, prefix cache."
+        ),
+    )
+    for flag, help_text in (
+        ("--step-base-ms", _("Decode step time at batch 1 (default %(default)s).")),
+        ("--step-per-request-ms", _("Added to a step per running request (default %(default)s).")),
+        ("--prefill-ms-per-token", _("Prefill time per uncached token (default %(default)s).")),
+    ):  # fmt: skip
+        dest = flag[2:].replace("-", "_")
+        gpu.add_argument(flag, type=float, default=getattr(defaults, dest), help=help_text)
+    gpu.add_argument(
+        "--chunked-prefill-size", type=int, default=defaults.chunked_prefill_size,
+        help=_("Prompt tokens prefilled per step at most (default %(default)s)."),
+    )  # fmt: skip
+    gpu.add_argument(
+        "--disable-radix-cache", action="store_true", help=_("No prefix cache (as SGLang's flag).")
+    )
+    gpu.add_argument(
+        "--enable-priority-scheduling", action="store_true",
+        help=_("Serve the queue by each request's `priority` (larger first), as SGLang does."),
+    )  # fmt: skip
+    gpu.add_argument(
+        "--schedule-low-priority-values-first", action="store_true",
+        help=_("With priority scheduling: lower values first."),
+    )  # fmt: skip
+    gpu.add_argument(
+        "--max-queued-requests", type=int, default=defaults.max_queued_requests,
+        help=_("Requests waiting at most; more are refused with 503. 0 means no limit."),
+    )  # fmt: skip
 
 
 def config_from_options(options: Mapping[str, Any], _: Translate = untranslated) -> SimulatorConfig:
     """The configuration from parsed options (argparse dests); OptionError for a bad value."""
-    for name in ("tokens_per_second", "ttft_ms", "max_running_requests"):
+    for name in ("tokens_per_second", "ttft_ms", "max_running_requests", "step_base_ms",
+                 "step_per_request_ms", "prefill_ms_per_token", "max_queued_requests"):  # fmt: skip
         if options[name] < 0:
             raise OptionError(
                 _("--%(name)s must not be negative") % {"name": name.replace("_", "-")}
             )
-    for name in ("context_length", "max_total_tokens", "answer_tokens"):
+    for name in ("context_length", "max_total_tokens", "answer_tokens", "chunked_prefill_size"):
         if options[name] < 1:
             raise OptionError(_("--%(name)s must be positive") % {"name": name.replace("_", "-")})
     template = ""
@@ -127,6 +164,15 @@ def config_from_options(options: Mapping[str, Any], _: Translate = untranslated)
         max_total_tokens=options["max_total_tokens"],
         max_running_requests=options["max_running_requests"],
         answer_tokens=options["answer_tokens"],
+        engine=options["engine"],
+        step_base_ms=options["step_base_ms"],
+        step_per_request_ms=options["step_per_request_ms"],
+        prefill_ms_per_token=options["prefill_ms_per_token"],
+        chunked_prefill_size=options["chunked_prefill_size"],
+        radix_cache=not options["disable_radix_cache"],
+        priority_scheduling=options["enable_priority_scheduling"],
+        low_priority_values_first=options["schedule_low_priority_values_first"],
+        max_queued_requests=options["max_queued_requests"],
     )
 
 

@@ -7,6 +7,7 @@ imports go one way (server → wire, metrics → jobs) and this module imports n
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -15,6 +16,7 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 
 
 KINDS = ("sglang", "openai-generic")
+ENGINES = ("fixed", "gpu")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,18 @@ class SimulatorConfig:
     # A chat template (text) the simulated model uses instead of its tokenizer's: a server
     # started with another template than the gateway counts with (--chat-template).
     chat_template: str = ""
+    # "fixed": each request at tokens_per_second however many run (fast tests). "gpu":
+    # continuous batching with a step time growing with the batch (sglang_sim/engine.py, which
+    # explains the defaults below).
+    engine: str = "fixed"
+    step_base_ms: float = 7.5
+    step_per_request_ms: float = 0.12
+    prefill_ms_per_token: float = 0.08
+    chunked_prefill_size: int = 8192
+    radix_cache: bool = True
+    priority_scheduling: bool = False  # SGLang's --enable-priority-scheduling
+    low_priority_values_first: bool = False  # --schedule-low-priority-values-first
+    max_queued_requests: int = 0  # 0: no limit
 
 
 @dataclass
@@ -53,6 +67,15 @@ class Job:
     abort_requested: bool = False
     started: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
+    # The GPU-like engine's bookkeeping (sglang_sim/engine.py).
+    priority: int = 0
+    prompt_ids: tuple[int, ...] = ()
+    arrival: int = 0
+    scheduled: bool = False
+    prefill_left: int = 0
+    prefilled: bool = False
+    produced: int = 0
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass

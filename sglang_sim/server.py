@@ -66,6 +66,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from prometheus_client import generate_latest
 
+from sglang_sim.engine import BatchEngine
 from sglang_sim.jobs import Job, SimStats, SimulatorConfig, ThroughputMeter
 from sglang_sim.metrics import SimMetrics
 from sglang_sim.wire import (
@@ -192,7 +193,8 @@ class Simulator:
         self.running: dict[int, Job] = {}
         self.waiting = 0
         limit = config.max_running_requests
-        self.slots = asyncio.Semaphore(limit) if limit else None
+        self.engine = BatchEngine(config, self._prefilled) if config.engine == "gpu" else None
+        self.slots = asyncio.Semaphore(limit) if limit and self.engine is None else None
         self.throughput = ThroughputMeter()
         self.metrics = SimMetrics(self)
         self._ids = itertools.count()
@@ -221,27 +223,41 @@ class Simulator:
 
     @asynccontextmanager
     async def admitted(self, job: Job) -> AsyncIterator[Job]:
-        """Queue for a slot, run, and account the request however it ends."""
+        """Queue for a place in the batch, run, and account the request however it ends."""
         self.waiting += 1
+        queued = True
         try:
-            if self.slots is not None:
-                await self.slots.acquire()
+            async with self._place(job):
+                self.waiting -= 1
+                queued = False
+                self.metrics.queue_time.observe(time.monotonic() - job.started)
+                key = next(self._ids)
+                self.running[key] = job
+                self.stats.peak_running = max(self.stats.peak_running, len(self.running))
+                try:
+                    yield job
+                except (asyncio.CancelledError, ConnectionResetError):
+                    job.finish_reason = "abort"  # the client went away mid-generation
+                    raise
+                finally:
+                    del self.running[key]
+                    self._finished(job)
         finally:
-            self.waiting -= 1
-        self.metrics.queue_time.observe(time.monotonic() - job.started)
-        key = next(self._ids)
-        self.running[key] = job
-        self.stats.peak_running = max(self.stats.peak_running, len(self.running))
-        try:
-            yield job
-        except (asyncio.CancelledError, ConnectionResetError):
-            job.finish_reason = "abort"  # the client went away mid-generation
-            raise
-        finally:
-            del self.running[key]
-            if self.slots is not None:
-                self.slots.release()
-            self._finished(job)
+            if queued:
+                self.waiting -= 1
+
+    @asynccontextmanager
+    async def _place(self, job: Job) -> AsyncIterator[None]:
+        """The GPU-like engine's batch, or a slot of --max-running-requests (fixed engine)."""
+        if self.engine is not None:
+            async with self.engine.admitted(job):
+                yield
+            return
+        if self.slots is None:
+            yield
+            return
+        async with self.slots:
+            yield
 
     def _finished(self, job: Job) -> None:
         self.metrics.requests.inc()
@@ -254,18 +270,14 @@ class Simulator:
             log.info("request %s aborted after %d tokens", job.rid, job.generated)
 
     async def generate(self, job: Job) -> AsyncIterator[tuple[str, bool]]:
-        """Yield (piece, is_last) at the configured pace; finish_reason is set before the last."""
-        if self.config.ttft_ms > 0:
-            await asyncio.sleep(self.config.ttft_ms / 1000)
-        self._prefilled(job)
-        speed = self.config.tokens_per_second
+        """Yield (piece, is_last) at the engine's pace; finish_reason is set before the last."""
         pieces = self.answer.pieces(job.target)
         if not pieces:  # x-sim-completion-tokens: 0
+            self._prefilled(job)
             job.finish_reason = "stop" if job.natural_stop else "length"
-        first_at = last_at = time.monotonic()
-        for index, (text, tokens) in enumerate(pieces):
-            if speed and index:
-                await asyncio.sleep(max(0.0, first_at + index / speed - time.monotonic()))
+        last_at = time.monotonic()
+        async for index, (text, tokens) in self._paced(job, pieces):
+            if index:
                 now = time.monotonic()
                 self.metrics.itl.observe(now - last_at)
                 last_at = now
@@ -279,6 +291,32 @@ class Simulator:
             if last:
                 job.finish_reason = "stop" if job.natural_stop else "length"
             yield text, last
+
+    async def _paced(
+        self, job: Job, pieces: list[tuple[str, int]]
+    ) -> AsyncIterator[tuple[int, tuple[str, int]]]:
+        """The pieces, each when its last token exists: from the GPU-like engine's steps, or
+        after the fixed time to first token and then at tokens_per_second."""
+        if not pieces:
+            return
+        if self.engine is not None:
+            index, owed = 0, 0
+            async for new in self.engine.tokens(job):
+                owed += new
+                while index < len(pieces) and pieces[index][1] <= owed:
+                    owed -= pieces[index][1]
+                    yield index, pieces[index]
+                    index += 1
+            return
+        if self.config.ttft_ms > 0:
+            await asyncio.sleep(self.config.ttft_ms / 1000)
+        self._prefilled(job)
+        speed = self.config.tokens_per_second
+        first_at = time.monotonic()
+        for index, piece in enumerate(pieces):
+            if speed and index:
+                await asyncio.sleep(max(0.0, first_at + index / speed - time.monotonic()))
+            yield index, piece
 
     def _prefilled(self, job: Job) -> None:
         self.metrics.ttft.observe(time.monotonic() - job.started)
@@ -409,6 +447,33 @@ class Api:
         except Exception as exc:  # a template refusing the conversation is the client's 400
             raise SimError(str(exc) or type(exc).__name__) from None
 
+    def prompt_ids(self, body: Mapping[str, Any]) -> tuple[int, ...]:
+        """The prompt's token ids, for the GPU-like engine's prefix cache (only there: the
+        fixed engine does not need them, and tokenizing twice costs)."""
+        sim = self.sim
+        if sim.engine is None or not sim.config.radix_cache:
+            return ()
+        counter = sim.counter
+        try:
+            if "messages" in body:
+                if not isinstance(counter, TokenizerCounter) or counter.chat_fallback is not None:
+                    return ()
+                kwargs = sglang_template_kwargs(
+                    body.get("reasoning_effort"), body.get("chat_template_kwargs") or {}
+                )
+                return tuple(counter.encode_chat(
+                    body["messages"], body.get("tools"), tool_choice=body.get("tool_choice"),
+                    **kwargs,
+                ))  # fmt: skip
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if isinstance(prompt, list):
+                return tuple(t for t in prompt if isinstance(t, int))
+            return tuple(counter.encode(prompt)) if isinstance(prompt, str) else ()
+        except Exception:  # counted already; no ids only means no cache hit
+            return ()
+
     def count_prompt(self, prompt: Any) -> int:
         if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
             prompt = prompt[0]
@@ -440,6 +505,11 @@ class Api:
         options = body.get("stream_options") if stream and usage_in_streams else None
         options = options if isinstance(options, dict) else {}
         rid = body.get("rid")
+        priority = body.get("priority", 0)
+        if priority is None:
+            priority = 0
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise SimError("priority: Input should be a valid integer")
         return Job(
             rid=rid if isinstance(rid, str) and rid else f"{prefix}-{uuid.uuid4().hex}",
             model=str(body.get("model") or "default"),
@@ -450,9 +520,19 @@ class Api:
             include_usage=bool(options.get("include_usage")),
             continuous_usage=bool(options.get("continuous_usage_stats")),
             cached_tokens=min(hooks.cached_tokens, prompt),
+            priority=priority,
+            prompt_ids=self.prompt_ids(body),
         )
 
     async def respond(
+        self, request: web.Request, job: Job, hooks: Hooks, wire: ChatWire | CompletionWire
+    ) -> web.StreamResponse:
+        try:
+            return await self._respond(request, job, hooks, wire)
+        except SimError as exc:  # refused by the engine before anything was sent (queue full)
+            return exc.response()
+
+    async def _respond(
         self, request: web.Request, job: Job, hooks: Hooks, wire: ChatWire | CompletionWire
     ) -> web.StreamResponse:
         if not job.stream:
@@ -542,7 +622,10 @@ class Api:
 
     async def sim_stats(self, request: web.Request) -> web.Response:
         stats = dataclasses.asdict(self.sim.stats)
-        return json_response({**stats, "running": len(self.sim.running)})
+        engine = self.sim.engine
+        # The GPU-like engine's forward passes since it started (not reset): what a batch costs.
+        steps = {"steps": engine.steps} if engine is not None else {}
+        return json_response({**stats, "running": len(self.sim.running), **steps})
 
     async def sim_reset(self, request: web.Request) -> web.Response:
         self.sim.stats = SimStats(peak_running=len(self.sim.running))
