@@ -30,7 +30,7 @@ from accounts import services as accounts
 from accounts.models import ApiKey
 from gateway import services as served_models
 from gateway.config_state import ConfigState
-from gateway.models import ServedModel
+from gateway.models import CONFIG_KINDS, ServedModel
 from quotas import services as quotas
 from quotas.models import Plan, UserQuota
 
@@ -57,12 +57,7 @@ TALLY_LABELS = {
     "api_keys": _("API keys"),
 }
 # ConfigImport.kind → what the command calls one such object.
-KIND_NAMES = {
-    "plan": _("plan"),
-    "model": _("served model"),
-    "user": _("user"),
-    "api_key": _("API key"),
-}
+KIND_NAMES = dict(CONFIG_KINDS)
 
 
 class ConfigError(Exception):

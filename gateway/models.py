@@ -181,12 +181,21 @@ class TokenizerCheck(models.Model):
         return f"{timezone.localtime(self.checked_at):%Y-%m-%d %H:%M:%S}"
 
 
+# What an import_config file manages, by kind (ConfigImport.kind).
+CONFIG_KINDS = [
+    ("plan", _("plan")),
+    ("model", _("served model")),
+    ("user", _("user")),
+    ("api_key", _("API key")),
+]
+
+
 class ConfigImport(models.Model):
     """An object import_config manages: the file it came from and the values that file set at
     the last import, so that a re-import tells an edit in the admin (kept, reported as a
     conflict) from an edit of the file (applied). gateway/config_state.py."""
 
-    kind = models.CharField(_("kind"), max_length=20)  # plan, model, user, api_key
+    kind = models.CharField(_("kind"), max_length=20, choices=CONFIG_KINDS)
     name = models.CharField(_("name"), max_length=200)  # plan/model/user name, key prefix
     file = models.CharField(_("managed by file"), max_length=500)
     values = models.JSONField(_("values set by the file"), default=dict)

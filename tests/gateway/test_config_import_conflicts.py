@@ -133,3 +133,9 @@ def test_the_admin_lists_what_files_manage(admin_client: Any) -> None:
     run(SERVER_FILE, USERS_FILE)
     page = admin_client.get(reverse("admin:gateway_configimport_changelist")).content.decode()
     assert "사용자1" in page and USERS_FILE in page and SERVER_FILE in page
+    # The kind filter and column speak the operator's language, not the stored codes.
+    filters = admin_client.get(
+        reverse("admin:gateway_configimport_changelist"), HTTP_ACCEPT_LANGUAGE="en"
+    ).content.decode()
+    assert "served model" in filters and "API key" in filters
+    assert ">api_key<" not in filters and ">model<" not in filters
