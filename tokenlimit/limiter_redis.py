@@ -52,6 +52,15 @@ def scope_keys(scope: Scope, day: Day, prefix: str = "lim") -> list[str]:
     return [f"{base}:d:{day.name}" if name == "d" else f"{base}:{name}" for name in KEY_NAMES]
 
 
+def cluster_options(pool_size: int, connect_timeout: float, reply_timeout: float) -> dict[str, Any]:
+    """A Redis Cluster client's settings: connections per node, the same two timeouts."""
+    return {
+        "max_connections": pool_size,
+        "socket_timeout": reply_timeout,
+        "socket_connect_timeout": connect_timeout,
+    }
+
+
 def scope_args(scope: Scope) -> list[int]:
     limits = scope.limits
     return [
@@ -103,10 +112,7 @@ class RedisBackend:
             # A Redis Cluster: `url` names any node; a call goes to the node owning its keys'
             # slot (one slot per user, scope_keys), and a moved slot is followed.
             self.client = aioredis.RedisCluster.from_url(
-                url,
-                max_connections=pool_size,
-                socket_timeout=reply_timeout,
-                socket_connect_timeout=connect_timeout,
+                url, **cluster_options(pool_size, connect_timeout, reply_timeout)
             )
             self.script = self.client.register_script(LUA)
             return
@@ -201,10 +207,7 @@ class RedisReader:
         self.client: Any
         if cluster:
             self.client = redis.RedisCluster.from_url(
-                url,
-                max_connections=pool_size,
-                socket_timeout=reply_timeout,
-                socket_connect_timeout=connect_timeout,
+                url, **cluster_options(pool_size, connect_timeout, reply_timeout)
             )
             self.script = self.client.register_script(LUA)
             return
