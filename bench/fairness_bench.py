@@ -10,8 +10,10 @@ each, a new one as soon as one ends) while 4 light users each send short interac
 users are first measured alone, then beside the heavy one. Reported per class: time to first
 token p50/p99, completion time p50, tokens/s, and the upstream's total generation throughput.
 
-Configurations: "direct" (clients to the upstream). The gateway's FIFO pass-through and its
-fair scheduling are issue 15's next steps and get their columns then.
+Configurations, one run: "direct" (clients to the upstream) and "gateway FIFO" (through the
+gateway as it is: uvicorn, the embedded limiter with limits far above the load, SQLite; each
+user with their own key). The gateway's fair scheduling (issue 15) gets its column when it
+exists.
 """
 
 from __future__ import annotations
@@ -19,8 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +37,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.procs import simulator  # noqa: E402
+from tests.procs import free_port, running, simulator  # noqa: E402
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 HEAVY_PROMPT = "다음 보고서를 자세히 요약하고 항목별로 정리해 주세요. " * 70  # ~1,000 tokens
@@ -49,15 +57,18 @@ class Samples:
 
 
 async def stream(
-    session: aiohttp.ClientSession, url: str, prompt: str, tokens: int, into: Samples
+    session: aiohttp.ClientSession, url: str, key: str, prompt: str, tokens: int, into: Samples
 ) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": tokens, "stream": True}  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}"}
     started = time.monotonic()
     first = None
     got = 0
     try:
-        async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+        async with session.post(
+            f"{url}/v1/chat/completions", json=body, headers=headers
+        ) as response:
             if response.status != 200:
                 into.failed += 1
                 return
@@ -78,14 +89,14 @@ async def stream(
     into.tokens += got
 
 
-async def light_user(url: str, until: float, into: Samples) -> None:
+async def light_user(url: str, key: str, until: float, into: Samples) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         while time.monotonic() < until:
-            await stream(session, url, LIGHT_PROMPT, 32, into)
+            await stream(session, url, key, LIGHT_PROMPT, 32, into)
             await asyncio.sleep(0.3)
 
 
-async def heavy_user(url: str, until: float, in_flight: int, into: Samples) -> None:
+async def heavy_user(url: str, key: str, until: float, in_flight: int, into: Samples) -> None:
     connector = aiohttp.TCPConnector(limit=in_flight)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=600)
@@ -93,12 +104,14 @@ async def heavy_user(url: str, until: float, in_flight: int, into: Samples) -> N
 
         async def lane(n: int) -> None:
             while time.monotonic() < until:
-                await stream(session, url, f"{n}: {HEAVY_PROMPT}", 256, into)
+                # A new document each time: no configuration prefills from another's cache.
+                await stream(session, url, key, f"{uuid.uuid4()}: {HEAVY_PROMPT}", 256, into)
 
         await asyncio.gather(*(lane(n) for n in range(in_flight)))
 
 
 async def generated(url: str) -> float:
+    """The upstream's generated tokens so far (its own counter)."""
     async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
         text = await response.text()
     for line in text.splitlines():
@@ -107,16 +120,59 @@ async def generated(url: str) -> float:
     return 0.0
 
 
-async def scenario(url: str, seconds: float, heavy: int) -> tuple[Samples, Samples, float]:
+async def scenario(
+    target: str, upstream: str, keys: dict[str, str], seconds: float, heavy: int
+) -> tuple[Samples, Samples, float]:
     light, heavy_samples = Samples(), Samples()
-    before, started = await generated(url), time.monotonic()
+    before, started = await generated(upstream), time.monotonic()
     until = started + seconds
-    tasks = [light_user(url, until, light) for _ in range(4)]
+    tasks = [light_user(target, keys[f"light{n}"], until, light) for n in range(4)]
     if heavy:
-        tasks.append(heavy_user(url, until, heavy, heavy_samples))
+        tasks.append(heavy_user(target, keys["heavy"], until, heavy, heavy_samples))
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - started
-    return light, heavy_samples, (await generated(url) - before) / elapsed
+    return light, heavy_samples, (await generated(upstream) - before) / elapsed
+
+
+@contextmanager
+def gateway(upstream: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """The gateway (uvicorn, SQLite, embedded limiter) in front of `upstream`, and a key for
+    each of the five users, with limits far above the load."""
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {"DATABASE_URL": f"sqlite:///{scratch}/bench.sqlite3", "DEBUG": "1",
+               "LIMITER_VAR_DIR": scratch, "SGLANG_URL": upstream, "LOG_LEVEL": "WARNING",
+               "REDIS_URL": "", "GATEWAY_SELF_CHECK": "0"}  # fmt: skip
+        subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT,
+                       env={**os.environ, **env}, check=True)  # fmt: skip
+        seeded = subprocess.run(
+            [sys.executable, "-c", SEED, MODEL], cwd=ROOT, env={**os.environ, **env},
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        keys = json.loads(seeded.stdout.strip().splitlines()[-1])
+        port = free_port()
+        command = ["-m", "uvicorn", "--port", str(port), "--lifespan", "on", "--no-access-log",
+                   "limiter_site.asgi:application"]  # fmt: skip
+        with running(command, f"http://127.0.0.1:{port}/health", env):
+            yield f"http://127.0.0.1:{port}", keys
+
+
+SEED = """
+import django, json, os, sys
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "limiter_site.settings")
+django.setup()
+from accounts.services import create_api_key, get_or_create_user
+from gateway.models import ServedModel
+from quotas.services import default_plan, set_user_quota
+ServedModel.objects.update_or_create(name=sys.argv[1])
+big, keys = 10**12, {}
+for name in ["heavy"] + [f"light{n}" for n in range(4)]:
+    user, _ = get_or_create_user(name)
+    set_user_quota(user, default_plan(), actor=None, requests_per_minute=10**9,
+                   tokens_per_minute=big, tokens_per_hour=big, tokens_per_day=big,
+                   max_parallel_requests=10**6, cooldown_minutes=0)
+    keys[name] = create_api_key(user, actor=None, name="bench")[1]
+print(json.dumps(keys))
+"""
 
 
 def row(name: str, samples: Samples, seconds: float) -> str:
@@ -133,19 +189,27 @@ def main() -> None:
     parser.add_argument("--heavy", type=int, default=64)
     options = parser.parse_args()
     engine = ("--engine", "gpu", "--max-running-requests", "64")
-    with simulator(MODEL, extra=engine) as url:
-        alone, _, alone_rate = asyncio.run(scenario(url, options.seconds, 0))
-        light, heavy, rate = asyncio.run(scenario(url, options.seconds, options.heavy))
-    seconds = options.seconds
-    print("| direct, class | requests | TTFT p50 ms | TTFT p99 ms | completion p50 ms | "
+    seconds, heavy = options.seconds, options.heavy
+    results: dict[str, tuple[tuple[Samples, Samples, float], ...]] = {}
+    with simulator(MODEL, extra=engine) as upstream, gateway(upstream) as (proxy, keys):
+        for name, target in (("direct", upstream), ("gateway FIFO", proxy)):
+            results[name] = (
+                asyncio.run(scenario(target, upstream, keys, seconds, 0)),
+                asyncio.run(scenario(target, upstream, keys, seconds, heavy)),
+            )
+    print("| configuration, class | requests | TTFT p50 ms | TTFT p99 ms | completion p50 ms | "
           "tokens/s | failed |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(row("light users alone", alone, seconds))
-    print(row("light users, heavy user running", light, seconds))
-    print(row(f"heavy user ({options.heavy} in flight)", heavy, seconds))
-    ratio = light.pct(light.ttft, 0.99) / max(alone.pct(alone.ttft, 0.99), 1e-9)
-    print(f"\nupstream generation: {alone_rate:.0f} tokens/s alone, {rate:.0f} contended; "
-          f"light TTFT p99 contended / alone = {ratio:.1f}x")  # fmt: skip
+    for name, (quiet, busy) in results.items():
+        print(row(f"{name}: light users alone", quiet[0], seconds))
+        print(row(f"{name}: light users beside the heavy one", busy[0], seconds))
+        print(row(f"{name}: heavy user ({heavy} in flight)", busy[1], seconds))
+    print()
+    for name, (quiet, busy) in results.items():
+        light, alone = busy[0], quiet[0]
+        ratio = light.pct(light.ttft, 0.99) / max(alone.pct(alone.ttft, 0.99), 1e-9)
+        print(f"{name}: upstream generation {quiet[2]:.0f} tokens/s alone, {busy[2]:.0f} "
+              f"contended; light TTFT p99 contended / alone = {ratio:.1f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
