@@ -10,10 +10,11 @@ each, a new one as soon as one ends) while 4 light users each send short interac
 users are first measured alone, then beside the heavy one. Reported per class: time to first
 token p50/p99, completion time p50, tokens/s, and the upstream's total generation throughput.
 
-Configurations, one run: "direct" (clients to the upstream) and "gateway FIFO" (through the
-gateway as it is: uvicorn, the embedded limiter with limits far above the load, SQLite; each
-user with their own key). The gateway's fair scheduling (issue 15) gets its column when it
-exists.
+Configurations, one run: "direct" (clients to the upstream), "gateway FIFO" (through the
+gateway, the model without places upstream: every request passes straight through) and
+"gateway fair" (the model with 64 places upstream, SGLang's own count: past them requests wait
+in the gateway's fair queue, gateway/scheduling.py). The gateways run under uvicorn with the
+embedded limiter (limits far above the load) on SQLite; each user has their own key.
 """
 
 from __future__ import annotations
@@ -135,9 +136,10 @@ async def scenario(
 
 
 @contextmanager
-def gateway(upstream: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """The gateway (uvicorn, SQLite, embedded limiter) in front of `upstream`, and a key for
-    each of the five users, with limits far above the load."""
+def gateway(upstream: str, places: int) -> Iterator[tuple[str, dict[str, str]]]:
+    """A gateway (uvicorn, SQLite, embedded limiter) in front of `upstream`, the model with
+    `places` upstream (0: no queue), and a key for each of the five users, with limits far
+    above the load."""
     with tempfile.TemporaryDirectory() as scratch:
         env = {"DATABASE_URL": f"sqlite:///{scratch}/bench.sqlite3", "DEBUG": "1",
                "LIMITER_VAR_DIR": scratch, "SGLANG_URL": upstream, "LOG_LEVEL": "WARNING",
@@ -145,7 +147,7 @@ def gateway(upstream: str) -> Iterator[tuple[str, dict[str, str]]]:
         subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT,
                        env={**os.environ, **env}, check=True)  # fmt: skip
         seeded = subprocess.run(
-            [sys.executable, "-c", SEED, MODEL], cwd=ROOT, env={**os.environ, **env},
+            [sys.executable, "-c", SEED, MODEL, str(places)], cwd=ROOT, env={**os.environ, **env},
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         keys = json.loads(seeded.stdout.strip().splitlines()[-1])
@@ -163,7 +165,9 @@ django.setup()
 from accounts.services import create_api_key, get_or_create_user
 from gateway.models import ServedModel
 from quotas.services import default_plan, set_user_quota
-ServedModel.objects.update_or_create(name=sys.argv[1])
+ServedModel.objects.update_or_create(
+    name=sys.argv[1], defaults={"max_concurrent_requests": int(sys.argv[2])}
+)
 big, keys = 10**12, {}
 for name in ["heavy"] + [f"light{n}" for n in range(4)]:
     user, _ = get_or_create_user(name)
@@ -191,11 +195,20 @@ def main() -> None:
     engine = ("--engine", "gpu", "--max-running-requests", "64")
     seconds, heavy = options.seconds, options.heavy
     results: dict[str, tuple[tuple[Samples, Samples, float], ...]] = {}
-    with simulator(MODEL, extra=engine) as upstream, gateway(upstream) as (proxy, keys):
-        for name, target in (("direct", upstream), ("gateway FIFO", proxy)):
+    with (
+        simulator(MODEL, extra=engine) as upstream,
+        gateway(upstream, 0) as (fifo, keys),
+        gateway(upstream, 64) as (fair, fair_keys),
+    ):
+        configurations = (
+            ("direct", upstream, keys),
+            ("gateway FIFO", fifo, keys),
+            ("gateway fair", fair, fair_keys),
+        )
+        for name, target, users in configurations:
             results[name] = (
-                asyncio.run(scenario(target, upstream, keys, seconds, 0)),
-                asyncio.run(scenario(target, upstream, keys, seconds, heavy)),
+                asyncio.run(scenario(target, upstream, users, seconds, 0)),
+                asyncio.run(scenario(target, upstream, users, seconds, heavy)),
             )
     print("| configuration, class | requests | TTFT p50 ms | TTFT p99 ms | completion p50 ms | "
           "tokens/s | failed |")  # fmt: skip

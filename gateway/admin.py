@@ -63,6 +63,7 @@ class ServedModelForm(forms.ModelForm):
             "context_length",
             "korean_factor",
             "request_timeout_seconds",
+            "max_concurrent_requests",
             "lora_adapters",
             "accepts_media",
             "is_active",

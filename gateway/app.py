@@ -44,6 +44,7 @@ from gateway.limits import GatewayLimiter, shared_backend
 from gateway.preparation import Prepared, UpstreamTarget, prepare, tokenize, upstream_body
 from gateway.proxy import Call, Proxy
 from gateway.request_schema import CHAT, COMPLETIONS, TOKENIZE, Context, require_model, validate
+from gateway.scheduling import Place, Scheduler, make_queue
 from gateway.self_check import SelfChecker
 from gateway.stats import StatsPublisher
 from gateway.upstream import Upstream, tokenize_upstream
@@ -86,6 +87,8 @@ class Gateway:
         # Kinds of the "auto" upstreams, learnt by readiness checks; the proxy aborts by them.
         self.kinds = DetectedKinds()
         self.proxy = Proxy(self.upstream, self.counters, self.ledger, self.limits, self.kinds)
+        # Models with places upstream: who goes next when their server is full.
+        self.scheduler = Scheduler(make_queue())
         self.stats = StatsPublisher()
         self.self_check = SelfChecker(self.counters, self.upstream)
         self._rechecks: asyncio.Future[None] | None = None
@@ -218,7 +221,7 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await adoption
         await asyncio.to_thread(self.ledger.close)
-        for pool in (self.limits, self.readiness, self.upstream):
+        for pool in (self.limits, self.readiness, self.upstream, self.scheduler):
             try:
                 await pool.close()
             except Exception:  # a pool made on another loop (tests) cannot be closed here
@@ -285,6 +288,7 @@ class Gateway:
         self._start_ledger()
         with self._recording_refusals(grant, endpoint, started, out.request_id):
             call = await self._admit(scope, receive, grant, endpoint, out.request_id)
+            place = await self._place(call, receive)
         self.stats.ensure_running()
         if self.beat is not None:
             self.beat.start()
@@ -293,9 +297,21 @@ class Gateway:
         try:
             await self.proxy.run(call, receive, out)
         finally:
+            await place.release()
             self.stats.in_flight -= 1
             metrics.IN_FLIGHT.dec()
             self.stats.count(call.status, call.billed)
+
+    async def _place(self, call: Call, receive: Receive) -> Place:
+        """A place on the model's server (gateway/scheduling.py). Refused, or the client gone
+        while waiting: the limiter's reservation goes back at once (nothing was used)."""
+        try:
+            return await self.scheduler.acquire(
+                call.model, call.grant, call.request_id, call.reserved, receive
+            )
+        except BaseException:
+            await self.limits.settle(call.grant, call.request_id, 0)
+            raise
 
     @contextlib.contextmanager
     def _recording_refusals(

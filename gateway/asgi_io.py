@@ -161,3 +161,11 @@ class Responder:
             await self._send({"type": "http.response.body", "body": LAST_RESORT})
         except Exception:
             log.exception("the ASGI server refused even the last-resort error response")
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Returns when the client has gone (its body was read before: only the end is left)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

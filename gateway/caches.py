@@ -134,6 +134,7 @@ class ModelInfo:
     correct_offset_automatically: bool = False
     # The estimator's refit for this model as sorted (name, value) pairs (hashable), () = none.
     estimator_fit: tuple[tuple[str, float], ...] = ()
+    max_concurrent_requests: int = 0  # the fair queue's capacity; 0: no queue
 
 
 class ModelCatalog:
@@ -214,6 +215,7 @@ def model_info(row: dict[str, Any], default_upstream: str) -> ModelInfo:
         prompt_token_offset=row["prompt_token_offset"],
         correct_offset_automatically=row["correct_offset_automatically"],
         estimator_fit=fit_pairs(row["estimator_fit"]),
+        max_concurrent_requests=row["max_concurrent_requests"],
     )
 
 
@@ -244,4 +246,5 @@ MODEL_FIELDS = (
     "prompt_token_offset",
     "correct_offset_automatically",
     "estimator_fit",
+    "max_concurrent_requests",
 )

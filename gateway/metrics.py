@@ -65,6 +65,10 @@ TTFT_SECONDS = Histogram(
     "gateway_time_to_first_token_seconds", "Time until the first streamed event.",
     ["model"], buckets=LATENCY_BUCKETS,
 )  # fmt: skip
+QUEUE_SECONDS = Histogram(
+    "gateway_queue_wait_seconds", "Time waited for a place on a full model server (fair queue).",
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
 IN_FLIGHT = Gauge(
     "gateway_requests_in_flight", "Requests being proxied now.", multiprocess_mode="livesum"
 )

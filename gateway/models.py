@@ -94,6 +94,16 @@ class ServedModel(models.Model):
             "reach internal addresses."
         ),
     )
+    max_concurrent_requests = models.PositiveIntegerField(
+        _("places upstream"),
+        default=0,
+        help_text=_(
+            "Requests the model's server runs at once, counted across every gateway (SGLang's "
+            "--max-running-requests). When all are taken, new requests wait in the gateway's "
+            "fair queue, ordered by the plans' weights. 0: no queue, every request goes "
+            "straight through."
+        ),
+    )
     upstream_kind = models.CharField(
         _("upstream kind"),
         max_length=20,

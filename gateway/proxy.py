@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from gateway import metrics
-from gateway.asgi_io import SSE_HEADERS, Headers, Receive, Responder
+from gateway.asgi_io import SSE_HEADERS, Headers, Receive, Responder, wait_for_disconnect
 from gateway.caches import ModelInfo
 from gateway.counting import Counters
 from gateway.errors import GatewayError, error_body, rewrite_upstream_error
@@ -98,7 +98,7 @@ class Proxy:
         watcher: asyncio.Future[None] | None = None
         try:
             relay = asyncio.ensure_future(self._relay(call, out, call.headers))
-            watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+            watcher = asyncio.ensure_future(wait_for_disconnect(receive))
             await asyncio.wait({relay, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not relay.done():
                 call.client_disconnected = True
@@ -344,13 +344,6 @@ class Proxy:
             await self.limits.settle(call.grant, call.request_id, call.billed)
         except Exception:
             log.exception("settling %s failed", call.request_id)
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def _error_type(body: bytes) -> str:

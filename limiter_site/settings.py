@@ -458,6 +458,11 @@ GATEWAY_LEDGER_CHECKPOINT_SECONDS = env_float(
 # How often a gateway looks for spools of dead gateways on its host (and once at start).
 GATEWAY_LEDGER_ADOPT_SECONDS = env_float("GATEWAY_LEDGER_ADOPT_SECONDS", 10.0, minimum=0.1)
 
+# The fair queue of models with places upstream (gateway/scheduling.py): requests waiting per
+# model at most (more get 503), and how often a waiting request asks for its turn.
+GATEWAY_QUEUE_MAX_WAITING = env_int("GATEWAY_QUEUE_MAX_WAITING", 1000, minimum=1)
+GATEWAY_QUEUE_POLL_SECONDS = env_float("GATEWAY_QUEUE_POLL_SECONDS", 0.02, minimum=0.001)
+
 # Per-user labels on the gateway's Prometheus series: off, as users are unbounded.
 GATEWAY_METRICS_PER_USER = env_bool("GATEWAY_METRICS_PER_USER", False)
 

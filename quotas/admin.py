@@ -49,7 +49,8 @@ class PlanForm(forms.ModelForm):
         model = Plan
         fields = (
             "name", "description", *LIMIT_FIELDS, "allowed_models", "extra_request_fields",
-            "priority", "isolate_prefix_cache", "self_service_keys", "max_keys_per_user",
+            "priority", "isolate_prefix_cache", "fair_share_weight", "max_queue_seconds",
+            "self_service_keys", "max_keys_per_user",
         )  # fmt: skip
 
 
@@ -89,6 +90,10 @@ class PlanAdmin(AuditedAdmin):
                     "isolate_prefix_cache",
                 )
             },
+        ),
+        (
+            _("When a model's server is full"),
+            {"fields": ("fair_share_weight", "max_queue_seconds")},
         ),
         (_("Self-service API keys"), {"fields": ("self_service_keys", "max_keys_per_user")}),
     )

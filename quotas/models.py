@@ -67,6 +67,24 @@ class Plan(models.Model):
             "--enable-priority-scheduling); blank sends none."
         ),
     )
+    fair_share_weight = models.PositiveSmallIntegerField(
+        _("fair share weight"),
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(1000)],
+        help_text=_(
+            "When a model's server is full, the places that free go to waiting requests in "
+            "proportion to this weight: a plan with 3 gets three for each one of a plan with 1."
+        ),
+    )
+    max_queue_seconds = models.FloatField(
+        _("longest wait for a place (s)"),
+        default=30.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(3600.0)],
+        help_text=_(
+            "How long a request may wait in the gateway's queue when the model's server is "
+            "full; then it is refused with 429 and Retry-After. 0: never wait."
+        ),
+    )
     isolate_prefix_cache = models.BooleanField(
         _("isolate prefix cache"),
         default=False,

@@ -68,6 +68,8 @@ class RequestAccess:
     extra_fields: frozenset[str] = frozenset()
     priority: int | None = None  # sent as SGLang's `priority` when set
     cache_salt: str | None = None  # sent as SGLang's `cache_salt`: one prefix cache per user
+    fair_share_weight: int = 1  # the fair queue's weight (tokenlimit/fair_queue.py)
+    max_queue_seconds: float = 30.0  # the longest wait in the fair queue; 0: never wait
 
 
 def validate_extra_fields(names: object) -> None:

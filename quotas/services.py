@@ -136,6 +136,8 @@ def plan_access(plan: Plan, user_id: int) -> RequestAccess:
         extra_fields=frozenset(plan.extra_request_fields or ()),
         priority=plan.priority,
         cache_salt=salt,
+        fair_share_weight=plan.fair_share_weight,
+        max_queue_seconds=plan.max_queue_seconds,
     )
 
 

@@ -169,8 +169,10 @@ class RedisFairQueue:
         self, op: str, ticket: Ticket, capacity: int, now: float, lease: float = 0.0,
         max_waiting: int = 0,
     ) -> Position:  # fmt: skip
-        args: list[str | float] = [op, ticket.rid, ticket.user, ticket.share, capacity, now, lease, max_waiting,
-                WAIT_LEASE_SECONDS]  # fmt: skip
+        args: list[str | float] = [
+            op, ticket.rid, ticket.user, ticket.share, capacity, now, lease, max_waiting,
+            WAIT_LEASE_SECONDS,
+        ]  # fmt: skip
         try:
             raw = await asyncio.wait_for(
                 self.script(keys=self._keys(ticket.pool), args=args), self.timeout

@@ -378,6 +378,7 @@ def test_served_model_aliases_must_be_free(client: Client, data: None) -> None:
         "context_length": 8192,
         "korean_factor": "",
         "request_timeout_seconds": 60,
+        "max_concurrent_requests": 0,
         "is_active": "on",
         "description": "",
         "upstream_kind": "auto",

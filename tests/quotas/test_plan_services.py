@@ -435,6 +435,8 @@ def test_the_admin_audits_a_new_plan_and_a_deletion(admin_client: Any, admin_use
             "extra_request_fields": "",
             "self_service_keys": "on",
             "max_keys_per_user": 3,
+            "fair_share_weight": 2,
+            "max_queue_seconds": 10,
         },
     )
     assert added.status_code == 302, added.content.decode()[:2000]

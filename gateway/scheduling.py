@@ -1,0 +1,190 @@
+"""Who goes next when a model's server is full: the gateway's side of the fair queue.
+
+A model with `max_concurrent_requests` (ServedModel, "places upstream") set gets a pool of that
+many places, counted across every gateway (tokenlimit/fair_queue.py: in Redis when REDIS_URL is
+set, else in this process). A request admitted by the limits takes a place and gives it back
+when its answer ends; when none is free it waits, in weighted fair order (its reserved tokens
+over its plan's `fair_share_weight`), at most its plan's `max_queue_seconds`:
+
+- still waiting then: 429 with a Retry-After from the rate at which the queue ahead of it
+  drained while it waited (`x-should-retry: true`);
+- a queue that at this rate would make it wait longer than that: 429 at once, same header;
+- more than GATEWAY_QUEUE_MAX_WAITING waiting: 503 (overload), before the server's own queue;
+- the client leaves while waiting: the entry is removed at once (and the limiter's reservation
+  returned by the caller);
+- Redis does not answer: the request goes through unordered (fail open; logged once a minute).
+
+Models without places (0, the default) pay nothing: no queue call at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from gateway import metrics
+from gateway.asgi_io import ClientDisconnected, Receive, wait_for_disconnect
+from gateway.caches import ModelInfo
+from gateway.errors import GatewayError
+from quotas.services import KeyGrant
+from tokenlimit.fair_queue import FairQueue, FairQueueUnavailable, Position, Ticket
+
+log = logging.getLogger(__name__)
+
+# A place is held at most the model's request timeout plus this (a dead gateway's place frees).
+LEASE_MARGIN_SECONDS = 60.0
+UNAVAILABLE_LOG_EVERY = 60.0
+
+
+@dataclass
+class Place:
+    """A place in a model's pool, held until `release()`; `ticket` None: nothing was held."""
+
+    queue: FairQueue | None = None
+    ticket: Ticket | None = None
+    waited: float = 0.0
+
+    async def release(self) -> None:
+        if self.queue is None or self.ticket is None:
+            return
+        with contextlib.suppress(FairQueueUnavailable):  # if so, the lease frees it
+            await self.queue.leave(self.ticket, time.time())
+        self.ticket = None
+
+
+class Scheduler:
+    def __init__(self, queue: FairQueue) -> None:
+        self.queue = queue
+        self.drain_rates: dict[str, float] = {}  # pool -> requests served a second, last seen
+        self._last_warning = 0.0
+
+    async def acquire(
+        self, model: ModelInfo, grant: KeyGrant, rid: str, reserved: int, receive: Receive
+    ) -> Place:
+        capacity = model.max_concurrent_requests
+        if capacity <= 0:
+            return Place()
+        access = grant.access
+        ticket = Ticket(model.name, rid, str(grant.user_id),
+                        max(reserved, 1) / max(access.fair_share_weight, 1))  # fmt: skip
+        lease = model.request_timeout + LEASE_MARGIN_SECONDS
+        started = time.monotonic()
+        try:
+            position = await self.queue.enqueue(
+                ticket, capacity, time.time(), lease, settings.GATEWAY_QUEUE_MAX_WAITING
+            )
+            if position.refused:
+                raise overloaded(model.name, self._retry_after(model.name, position.ahead, 1.0))
+            if not position.granted:
+                await self._refuse_if_hopeless(ticket, position, access.max_queue_seconds)
+                await self._wait(ticket, capacity, lease, access.max_queue_seconds, receive)
+        except FairQueueUnavailable as exc:
+            self._warn(exc)
+            return Place()
+        waited = time.monotonic() - started
+        metrics.QUEUE_SECONDS.observe(waited)
+        return Place(self.queue, ticket, waited)
+
+    async def _refuse_if_hopeless(self, ticket: Ticket, position: Position, bound: float) -> None:
+        """At the last seen drain rate, would it wait past its plan's bound? Then say so now."""
+        rate = self.drain_rates.get(ticket.pool)
+        expected = (position.ahead + 1) / rate if rate else 0.0
+        if bound <= 0 or (rate and expected > bound):
+            await self.queue.leave(ticket, time.time())
+            raise queue_full(ticket.pool, self._retry_after(ticket.pool, position.ahead, bound))
+
+    async def _wait(
+        self, ticket: Ticket, capacity: int, lease: float, bound: float, receive: Receive
+    ) -> None:
+        started = time.monotonic()
+        deadline = started + bound
+        first_ahead: int | None = None
+        ahead = 0
+        disconnect = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    await self.queue.leave(ticket, time.time())
+                    retry = self._retry_after(ticket.pool, ahead, bound)
+                    raise queue_full(ticket.pool, retry)
+                poll_every = settings.GATEWAY_QUEUE_POLL_SECONDS
+                await asyncio.wait({disconnect}, timeout=min(poll_every, left))
+                if disconnect.done():
+                    await self.queue.leave(ticket, time.time())
+                    raise ClientDisconnected()
+                position = await self.queue.poll(ticket, capacity, time.time(), lease)
+                if position.gone:  # this loop stalled past the waiting lease: in again
+                    position = await self.queue.enqueue(
+                        ticket, capacity, time.time(), lease, settings.GATEWAY_QUEUE_MAX_WAITING
+                    )
+                ahead = position.ahead
+                if first_ahead is None:
+                    first_ahead = ahead
+                self._note_rate(ticket.pool, first_ahead - ahead + position.granted, started)
+                if position.granted:
+                    return
+        finally:
+            disconnect.cancel()
+
+    def _note_rate(self, pool: str, drained: int, since: float) -> None:
+        elapsed = time.monotonic() - since
+        if drained > 0 and elapsed > 0.05:
+            self.drain_rates[pool] = drained / elapsed
+
+    def _retry_after(self, pool: str, ahead: int, fallback: float) -> float:
+        rate = self.drain_rates.get(pool)
+        return (ahead + 1) / rate if rate else max(fallback, 1.0)
+
+    def _warn(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= UNAVAILABLE_LOG_EVERY:
+            self._last_warning = now
+            log.error("fair queue unavailable, letting requests through unordered: %s", exc)
+
+    async def close(self) -> None:
+        await self.queue.close()
+
+
+def _retry_headers(seconds: float) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"retry-after", str(max(1, math.ceil(seconds))).encode()),
+        (b"retry-after-ms", str(math.ceil(seconds * 1000)).encode()),
+        (b"x-should-retry", b"true"),
+    ]
+
+
+def queue_full(model: str, retry: float) -> GatewayError:
+    return GatewayError(
+        429,
+        f"{model} is at capacity and your plan's wait for a place is over; please try again "
+        f"in {math.ceil(retry)}s.",
+        type_="queue",
+        code="queue_timeout",
+        headers=_retry_headers(retry),
+    )
+
+
+def overloaded(model: str, retry: float) -> GatewayError:
+    return GatewayError(
+        503,
+        f"{model} is overloaded: its queue is full. Please try again in {math.ceil(retry)}s.",
+        type_="overloaded",
+        code="queue_full",
+        headers=_retry_headers(retry),
+    )
+
+
+def make_queue() -> FairQueue:
+    """Shared through Redis with every gateway, or this process's own."""
+    from tokenlimit.fair_queue import MemoryFairQueue, RedisFairQueue
+
+    if settings.REDIS_URL:
+        return RedisFairQueue(settings.REDIS_URL, settings.LIMITER_REDIS_PREFIX)
+    return MemoryFairQueue()

@@ -1,0 +1,175 @@
+"""The gateway's fair queue end to end: a model with two places upstream (the simulator's
+GPU-like engine, two running at most), gateways sharing the queue through Redis. A light
+user's request overtakes a heavy user's backlog; a plan's wait bound gives an honest 429; a
+client that leaves while waiting leaves the queue; without Redis the queue lets requests
+through."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis as redis_lib
+from django.conf import settings
+
+from tests.gateway.conftest import (
+    database_url_for_subprocess,
+    ledger_row,
+    make_user,
+    serve_gateway,
+)
+from tests.procs import free_port, simulator
+from tests.sglang_sim.test_gpu_engine import wait_until
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+
+MODEL = "Qwen/Qwen2.5-7B-Instruct"
+USERS = {"대기열-무거움": {}, "대기열-가벼움": {}, "대기열-급함": {"max_queue_seconds": 0.3}}
+
+
+class Site:
+    def __init__(self, url: str, sim: str, keys: dict[str, str], blocker: Any) -> None:
+        self.url, self.sim, self.keys, self.blocker = url, sim, keys, blocker
+        self.redis = redis_lib.Redis.from_url(settings.REDIS_URL)
+
+    def waiting(self) -> int:
+        return int(self.redis.zcard(f"{settings.LIMITER_REDIS_PREFIX}:fq:{{{MODEL}}}:wait"))
+
+    def client(self, user: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0)
+
+    def ask(self, user: str, tokens: int) -> Any:
+        return self.client(user).chat.completions.with_raw_response.create(
+            model=MODEL, max_tokens=tokens, messages=[{"role": "user", "content": user}]
+        )
+
+
+@pytest.fixture(scope="module")
+def site(django_db_setup: None, django_db_blocker: Any) -> Iterator[Site]:
+    from django.contrib.auth.models import User
+
+    from gateway.models import ServedModel
+    from quotas.models import Plan
+
+    engine = ("--engine", "gpu", "--max-running-requests", "2", "--step-base-ms", "10")
+    with ExitStack() as stack:
+        sim = stack.enter_context(simulator(MODEL, extra=engine))
+        with django_db_blocker.unblock():
+            ServedModel.objects.update_or_create(
+                name=MODEL, defaults={"upstream_url": sim, "max_concurrent_requests": 2}
+            )
+            keys = {}
+            for name, plan_fields in USERS.items():
+                plan, _ = Plan.objects.update_or_create(name=name, defaults=plan_fields)
+                _, keys[name] = make_user(
+                    name, plan, requests_per_minute=0, cooldown_minutes=0, max_parallel_requests=0
+                )
+            database_url = database_url_for_subprocess()
+        url = serve_gateway(stack, database_url, SGLANG_URL=sim)
+        yield Site(url, sim, keys, django_db_blocker)
+    with django_db_blocker.unblock():
+        ServedModel.objects.filter(name=MODEL).delete()
+        User.objects.filter(username__in=list(USERS)).delete()
+        Plan.objects.filter(name__in=list(USERS)).delete()
+
+
+def saturate(site: Site, count: int, tokens: int) -> list[threading.Thread]:
+    """The heavy user's requests: two run upstream, the rest wait in the gateway's queue."""
+    threads = [
+        threading.Thread(target=site.ask, args=("대기열-무거움", tokens)) for _ in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    wait_until("the heavy backlog queued", lambda: site.waiting() == count - 2)
+    return threads
+
+
+def test_a_light_request_overtakes_the_heavy_backlog(site: Site) -> None:
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def heavy() -> None:
+        site.ask("대기열-무거움", 60)
+        with lock:
+            finished.append("heavy")
+
+    threads = [threading.Thread(target=heavy) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    wait_until("the heavy backlog queued", lambda: site.waiting() == 4)
+    answer = site.ask("대기열-가벼움", 5)
+    with lock:
+        finished.append("light")
+        heavy_done_before = finished.count("heavy")
+    for thread in threads:
+        thread.join(timeout=60)
+    assert answer.parse().usage.completion_tokens == 5
+    # First come, first served would put it after all six; the fair queue after one of them.
+    assert heavy_done_before <= 2, finished
+    assert site.waiting() == 0
+
+
+def test_a_plans_wait_bound_gives_an_honest_429(site: Site) -> None:
+    threads = saturate(site, 4, 80)
+    with pytest.raises(openai.RateLimitError) as refused:
+        site.ask("대기열-급함", 5)
+    response = refused.value.response
+    assert response.json()["error"]["type"] == "queue"
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.headers["x-should-retry"] == "true"
+    row = ledger_row(site.blocker, response.headers["x-request-id"])
+    assert row.status_code == 429 and row.error_type == "queue"
+    for thread in threads:
+        thread.join(timeout=60)
+
+
+def test_a_client_that_leaves_while_waiting_leaves_the_queue(site: Site) -> None:
+    threads = saturate(site, 3, 150)
+    assert site.waiting() == 1
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{site.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {site.keys['대기열-가벼움']}"},
+            json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+            timeout=httpx.Timeout(5.0, read=0.5),
+        )
+    wait_until("the gone client's entry removed", lambda: site.waiting() == 1)
+    for thread in threads:
+        thread.join(timeout=60)
+
+
+def test_without_redis_the_queue_lets_requests_through() -> None:
+    from gateway.caches import ModelInfo
+    from gateway.scheduling import Scheduler
+    from quotas.request_policy import RequestAccess
+    from quotas.services import KeyGrant
+    from tokenlimit.fair_queue import RedisFairQueue
+    from tokenlimit.limiter import Limits
+
+    queue = RedisFairQueue(f"redis://127.0.0.1:{free_port()}/0", "down", timeout=0.3)
+    scheduler = Scheduler(queue)
+    model = ModelInfo(MODEL, (), "http://up", "", 32768, None, 300.0, max_concurrent_requests=1)
+    limits = Limits(0, 0, 0, 0, 0, 0)
+    grant = KeyGrant(1, 1, "u", limits, None, None, False, RequestAccess())
+
+    async def never_disconnects() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {}
+
+    async def acquire() -> Any:
+        try:
+            return await scheduler.acquire(model, grant, "rid", 10, never_disconnects)
+        finally:
+            await scheduler.close()
+
+    started = time.monotonic()
+    place = asyncio.run(acquire())
+    assert place.ticket is None  # let through, nothing held
+    assert time.monotonic() - started < 5
