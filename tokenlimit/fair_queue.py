@@ -32,7 +32,7 @@ Failure modes, and what was chosen:
 from __future__ import annotations
 
 import asyncio
-import heapq
+import bisect
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +84,9 @@ def _position(raw: list[Any]) -> Position:
 @dataclass
 class _Pool:
     in_flight: dict[str, float] = field(default_factory=dict)  # rid -> lease deadline
-    waiting: list[tuple[float, int, str]] = field(default_factory=list)  # (tag, seq, rid) heap
-    tags: dict[str, tuple[float, float]] = field(default_factory=dict)  # rid -> (tag, share)
+    # (tag, arrival, rid) in order: a poll's rank is one bisection, not a sort.
+    order: list[tuple[float, int, str]] = field(default_factory=list)
+    entries: dict[str, tuple[float, int, str, float]] = field(default_factory=dict)  # +share
     last: dict[str, float] = field(default_factory=dict)  # user -> last tag
     virtual_time: float = 0.0
 
@@ -108,12 +109,13 @@ class MemoryFairQueue:
         self, ticket: Ticket, capacity: int, now: float, lease: float, max_waiting: int
     ) -> Position:
         pool = self._pool(ticket, now)
-        if len(pool.tags) >= max_waiting:
-            return Position(False, len(pool.tags), len(pool.in_flight), refused=True)
+        if len(pool.entries) >= max_waiting:
+            return Position(False, len(pool.entries), len(pool.in_flight), refused=True)
         tag = max(pool.virtual_time, pool.last.get(ticket.user, 0.0)) + ticket.share
         pool.last[ticket.user] = tag
-        pool.tags[ticket.rid] = (tag, ticket.share)
-        heapq.heappush(pool.waiting, (tag, next(self._seq), ticket.rid))
+        key = (tag, next(self._seq), ticket.rid)
+        pool.entries[ticket.rid] = (*key, ticket.share)
+        bisect.insort(pool.order, key)
         return self._turn(pool, ticket, capacity, now, lease)
 
     async def poll(self, ticket: Ticket, capacity: int, now: float, lease: float) -> Position:
@@ -122,25 +124,30 @@ class MemoryFairQueue:
     def _turn(
         self, pool: _Pool, ticket: Ticket, capacity: int, now: float, lease: float
     ) -> Position:
-        if ticket.rid not in pool.tags:
+        entry = pool.entries.get(ticket.rid)
+        if entry is None:
             if ticket.rid in pool.in_flight:
                 return Position(True, 0, len(pool.in_flight))
             return Position(False, 0, len(pool.in_flight), gone=True)
-        order = sorted(entry for entry in pool.waiting if entry[2] in pool.tags)
-        ahead = next(i for i, entry in enumerate(order) if entry[2] == ticket.rid)
+        tag, seq, rid, share = entry
+        ahead = bisect.bisect_left(pool.order, (tag, seq, rid))
         if ahead < capacity - len(pool.in_flight):
-            tag, share = pool.tags.pop(ticket.rid)
-            pool.waiting = [entry for entry in order if entry[2] != ticket.rid]
+            self._remove(pool, ticket.rid)
             pool.in_flight[ticket.rid] = now + lease
             pool.virtual_time = max(pool.virtual_time, tag - share)
             return Position(True, 0, len(pool.in_flight))
         return Position(False, ahead, len(pool.in_flight))
 
+    @staticmethod
+    def _remove(pool: _Pool, rid: str) -> None:
+        entry = pool.entries.pop(rid, None)
+        if entry is not None:
+            del pool.order[bisect.bisect_left(pool.order, entry[:3])]
+
     async def leave(self, ticket: Ticket, now: float) -> None:
         pool = self._pool(ticket, now)
         pool.in_flight.pop(ticket.rid, None)
-        if pool.tags.pop(ticket.rid, None) is not None:
-            pool.waiting = [entry for entry in pool.waiting if entry[2] != ticket.rid]
+        self._remove(pool, ticket.rid)
 
     async def close(self) -> None:
         return None
