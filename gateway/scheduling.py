@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # A place is held at most the model's request timeout plus this (a dead gateway's place frees).
 LEASE_MARGIN_SECONDS = 60.0
 UNAVAILABLE_LOG_EVERY = 60.0
+RATE_MEMORY_SECONDS = 60.0
 
 
 @dataclass
@@ -61,7 +62,9 @@ class Place:
 class Scheduler:
     def __init__(self, queue: FairQueue) -> None:
         self.queue = queue
-        self.drain_rates: dict[str, float] = {}  # pool -> requests served a second, last seen
+        # pool -> (requests served a second, when seen): the last wait's measure, trusted for
+        # RATE_MEMORY_SECONDS (a rate from a quiet hour must not refuse a busy minute).
+        self.drain_rates: dict[str, tuple[float, float]] = {}
         self._last_warning = 0.0
 
     async def acquire(
@@ -91,9 +94,15 @@ class Scheduler:
         metrics.QUEUE_SECONDS.observe(waited)
         return Place(self.queue, ticket, waited)
 
+    def _rate(self, pool: str) -> float | None:
+        seen = self.drain_rates.get(pool)
+        if seen is None or time.monotonic() - seen[1] > RATE_MEMORY_SECONDS:
+            return None
+        return seen[0]
+
     async def _refuse_if_hopeless(self, ticket: Ticket, position: Position, bound: float) -> None:
         """At the last seen drain rate, would it wait past its plan's bound? Then say so now."""
-        rate = self.drain_rates.get(ticket.pool)
+        rate = self._rate(ticket.pool)
         expected = (position.ahead + 1) / rate if rate else 0.0
         if bound <= 0 or (rate and expected > bound):
             await self.queue.leave(ticket, time.time())
@@ -136,10 +145,10 @@ class Scheduler:
     def _note_rate(self, pool: str, drained: int, since: float) -> None:
         elapsed = time.monotonic() - since
         if drained > 0 and elapsed > 0.05:
-            self.drain_rates[pool] = drained / elapsed
+            self.drain_rates[pool] = (drained / elapsed, time.monotonic())
 
     def _retry_after(self, pool: str, ahead: int, fallback: float) -> float:
-        rate = self.drain_rates.get(pool)
+        rate = self._rate(pool)
         return (ahead + 1) / rate if rate else max(fallback, 1.0)
 
     def _warn(self, exc: Exception) -> None:
