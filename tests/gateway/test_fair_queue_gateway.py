@@ -140,7 +140,19 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue(site: Site) -> None
             json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
             timeout=httpx.Timeout(5.0, read=0.5),
         )
-    wait_until("the gone client's entry removed", lambda: site.waiting() == 1)
+    # Its entry is gone (the heavy one still waits behind the two running), and its refusal is
+    # in the ledger as the client's own close.
+    wait_until("the gone client's entry removed", lambda: site.waiting() <= 1)
+
+    def closed_row() -> bool:
+        from quotas.models import UsageRecord
+
+        with site.blocker.unblock():
+            return UsageRecord.objects.filter(
+                user__username="대기열-가벼움", status_code=499
+            ).exists()
+
+    wait_until("the client's 499 in the ledger", closed_row)
     for thread in threads:
         thread.join(timeout=60)
 

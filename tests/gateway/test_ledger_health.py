@@ -250,7 +250,7 @@ async def ready_and_series(gateway: Gateway) -> tuple[dict[str, Any], dict[str, 
 def test_readiness_and_failed_quota_alerts_are_exported_as_gauges(
     gateway: Gateway, settings: Any, upstream: str, django_user_model: Any
 ) -> None:
-    """What the alert rules watch (deploy/monitoring/alerts.yml): readiness, each upstream, the
+    """What the alert rules watch (deploy/prometheus/alerts.yml): readiness, each upstream, the
     database, and the quota alerts that could not be sent in the last hour."""
     from django.utils import timezone
 
