@@ -89,8 +89,7 @@ def check_database_migrated(
     fail its requests. Only this check reports a database it cannot read."""
     for alias in databases or ():
         try:
-            executor = MigrationExecutor(connections[alias])
-            pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
+            pending = pending_migrations(alias)
         except DatabaseError as exc:
             return [
                 Error(
@@ -115,12 +114,17 @@ def check_database_migrated(
     return []
 
 
+def pending_migrations(alias: str) -> list[Any]:
+    """The migrations the database `alias` still lacks (DatabaseError: it cannot be read)."""
+    executor = MigrationExecutor(connections[alias])
+    return list(executor.migration_plan(executor.loader.graph.leaf_nodes()))
+
+
 def database_ready(databases: Sequence[str] | None) -> bool:
     """Whether the database checks may query (check_database_migrated says why not)."""
     if not databases:
         return False
     try:
-        executor = MigrationExecutor(connections[databases[0]])
-        return not executor.migration_plan(executor.loader.graph.leaf_nodes())
+        return not pending_migrations(databases[0])
     except DatabaseError:
         return False

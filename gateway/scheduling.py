@@ -49,7 +49,6 @@ class Place:
 
     queue: FairQueue | None = None
     ticket: Ticket | None = None
-    waited: float = 0.0
 
     async def release(self) -> None:
         if self.queue is None or self.ticket is None:
@@ -90,9 +89,8 @@ class Scheduler:
         except FairQueueUnavailable as exc:
             self._warn(exc)
             return Place()
-        waited = time.monotonic() - started
-        metrics.QUEUE_SECONDS.observe(waited)
-        return Place(self.queue, ticket, waited)
+        metrics.QUEUE_SECONDS.observe(time.monotonic() - started)
+        return Place(self.queue, ticket)
 
     def _rate(self, pool: str) -> float | None:
         seen = self.drain_rates.get(pool)
