@@ -1,20 +1,25 @@
 """Contention on the GPU-like simulator: one heavy user against light interactive users.
 
-    .venv/bin/python bench/fairness_bench.py [--seconds 30] [--heavy 64]
+    .venv/bin/python bench/fairness_bench.py [--seconds 30] [--warmup 15] [--heavy 64]
 
 The situation issue 15 is about, measured on the simulator's GPU-like engine (sglang_sim/
 engine.py; `--max-running-requests 64` as config/sglang_korean.yaml sets SGLang): a heavy user
 keeps `--heavy` long streaming requests in flight (about 1,000 prompt and 256 answer tokens
 each, a new one as soon as one ends) while 4 light users each send short interactive requests
 (about 40 prompt and 32 answer tokens, one at a time with 0.3 s to read the answer). Light
-users are first measured alone, then beside the heavy one. Reported per class: time to first
-token p50/p99, completion time p50, tokens/s, and the upstream's total generation throughput.
+users are first measured alone, then beside the heavy one: the heavy user runs `--warmup`
+seconds alone first (its first burst of prefills is a start-up, not the steady state), then
+`--seconds` are measured. Reported per class: time to first token p50/p90/p99, completion time
+p50, tokens/s, and the upstream's total generation throughput over the measured window.
 
 Configurations, one run: "direct" (clients to the upstream), "gateway FIFO" (through the
-gateway, the model without places upstream: every request passes straight through) and
-"gateway fair" (the model with 64 places upstream, SGLang's own count: past them requests wait
-in the gateway's fair queue, gateway/scheduling.py). The gateways run under uvicorn with the
-embedded limiter (limits far above the load) on SQLite; each user has their own key.
+gateway, the model without places upstream: every request passes straight through), "gateway
+fair" (the model with 64 places upstream, SGLang's own count: past them requests wait in the
+gateway's fair queue, gateway/scheduling.py, with its defaults: an eighth of the places left to
+others, 2 prefills a user, gateway/prefill_gate.py), "gateway fair + priority" (the same, the
+light users' plan with priority 10 on a server started with --enable-priority-scheduling) and
+the latter with 1 prefill a user. The gateways run under uvicorn with the embedded limiter
+(limits far above the load) on SQLite; each user has their own key.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,12 +63,16 @@ class Samples:
 
 
 async def stream(
-    session: aiohttp.ClientSession, url: str, key: str, prompt: str, tokens: int, into: Samples
-) -> None:
+    session: aiohttp.ClientSession, url: str, key: str, prompt: str, tokens: int, into: Samples,
+    since: float = 0.0,
+) -> None:  # fmt: skip
+    """One streamed request; measured into `into` if it started at `since` or later."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": tokens, "stream": True}  # fmt: skip
     headers = {"Authorization": f"Bearer {key}"}
     started = time.monotonic()
+    if started < since:
+        into = Samples()  # the warm-up: sent, not measured
     first = None
     got = 0
     try:
@@ -97,7 +106,9 @@ async def light_user(url: str, key: str, until: float, into: Samples) -> None:
             await asyncio.sleep(0.3)
 
 
-async def heavy_user(url: str, key: str, until: float, in_flight: int, into: Samples) -> None:
+async def heavy_user(
+    url: str, key: str, until: float, in_flight: int, into: Samples, since: float
+) -> None:
     connector = aiohttp.TCPConnector(limit=in_flight)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=600)
@@ -106,7 +117,8 @@ async def heavy_user(url: str, key: str, until: float, in_flight: int, into: Sam
         async def lane(n: int) -> None:
             while time.monotonic() < until:
                 # A new document each time: no configuration prefills from another's cache.
-                await stream(session, url, key, f"{uuid.uuid4()}: {HEAVY_PROMPT}", 256, into)
+                prompt = f"{uuid.uuid4()}: {HEAVY_PROMPT}"
+                await stream(session, url, key, prompt, 256, into, since)
 
         await asyncio.gather(*(lane(n) for n in range(in_flight)))
 
@@ -122,32 +134,56 @@ async def generated(url: str) -> float:
 
 
 async def scenario(
-    target: str, upstream: str, keys: dict[str, str], seconds: float, heavy: int
+    target: str, upstream: str, keys: dict[str, str], seconds: float, heavy: int, warmup: float
 ) -> tuple[Samples, Samples, float]:
+    """The heavy user (if any) starts first and runs `warmup` seconds alone (its first 64
+    prefills at once are a start-up burst, not the steady state); then the light users join
+    and everything is measured for `seconds`: requests started in that window, and the
+    upstream's generated tokens over it."""
     light, heavy_samples = Samples(), Samples()
-    before, started = await generated(upstream), time.monotonic()
-    until = started + seconds
-    tasks = [light_user(target, keys[f"light{n}"], until, light) for n in range(4)]
+    started = time.monotonic()
+    since = started + (warmup if heavy else 0.0)
+    until = since + seconds
+    heavy_lanes = None
     if heavy:
-        tasks.append(heavy_user(target, keys["heavy"], until, heavy, heavy_samples))
-    await asyncio.gather(*tasks)
-    elapsed = time.monotonic() - started
-    return light, heavy_samples, (await generated(upstream) - before) / elapsed
+        heavy_lanes = asyncio.ensure_future(
+            heavy_user(target, keys["heavy"], until, heavy, heavy_samples, since)
+        )
+
+    async def window() -> float:
+        await asyncio.sleep(since - time.monotonic())
+        before = await generated(upstream)
+        await asyncio.gather(*(light_user(target, keys[f"light{n}"], until, light)
+                               for n in range(4)))  # fmt: skip
+        await asyncio.sleep(max(until - time.monotonic(), 0.0))
+        return (await generated(upstream) - before) / (time.monotonic() - since)
+
+    rate = await window()
+    if heavy_lanes is not None:
+        await heavy_lanes
+    return light, heavy_samples, rate
 
 
 @contextmanager
-def gateway(upstream: str, places: int) -> Iterator[tuple[str, dict[str, str]]]:
-    """A gateway (uvicorn, SQLite, embedded limiter) in front of `upstream`, the model with
-    `places` upstream (0: no queue), and a key for each of the five users, with limits far
-    above the load."""
+def gateway(
+    upstream: str, places: int, light_priority: int | None = None,
+    more_upstreams: Sequence[str] = (), settings: dict[str, str] | None = None,
+) -> Iterator[tuple[str, dict[str, str], Path]]:  # fmt: skip
+    """A gateway (uvicorn, SQLite, embedded limiter) in front of `upstream` (and
+    `more_upstreams`, the model's other servers), the model with `places` upstream (0: no
+    queue), and a key for each of the five users, with limits far above the load; the light
+    users' plan has `light_priority` (None: no priority). Yields its URL, the keys by user and
+    its database file."""
     with tempfile.TemporaryDirectory() as scratch:
         env = {"DATABASE_URL": f"sqlite:///{scratch}/bench.sqlite3", "DEBUG": "1",
                "LIMITER_VAR_DIR": scratch, "SGLANG_URL": upstream, "LOG_LEVEL": "WARNING",
-               "REDIS_URL": "", "GATEWAY_SELF_CHECK": "0"}  # fmt: skip
+               "REDIS_URL": "", "GATEWAY_SELF_CHECK": "0", **(settings or {})}  # fmt: skip
         subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT,
                        env={**os.environ, **env}, check=True)  # fmt: skip
         seeded = subprocess.run(
-            [sys.executable, "-c", SEED, MODEL, str(places)], cwd=ROOT, env={**os.environ, **env},
+            [sys.executable, "-c", SEED, MODEL, str(places), json.dumps(light_priority),
+             json.dumps(list(more_upstreams))],
+            cwd=ROOT, env={**os.environ, **env},
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         keys = json.loads(seeded.stdout.strip().splitlines()[-1])
@@ -155,7 +191,7 @@ def gateway(upstream: str, places: int) -> Iterator[tuple[str, dict[str, str]]]:
         command = ["-m", "uvicorn", "--port", str(port), "--lifespan", "on", "--no-access-log",
                    "limiter_site.asgi:application"]  # fmt: skip
         with running(command, f"http://127.0.0.1:{port}/health", env):
-            yield f"http://127.0.0.1:{port}", keys
+            yield f"http://127.0.0.1:{port}", keys, Path(scratch) / "bench.sqlite3"
 
 
 SEED = """
@@ -164,14 +200,21 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "limiter_site.settings")
 django.setup()
 from accounts.services import create_api_key, get_or_create_user
 from gateway.models import ServedModel
+from quotas.models import Plan
 from quotas.services import default_plan, set_user_quota
 ServedModel.objects.update_or_create(
-    name=sys.argv[1], defaults={"max_concurrent_requests": int(sys.argv[2])}
+    name=sys.argv[1],
+    defaults={"max_concurrent_requests": int(sys.argv[2]),
+              "more_upstream_urls": json.loads(sys.argv[4])},
+)
+light_plan, _ = Plan.objects.update_or_create(
+    name="interactive", defaults={"priority": json.loads(sys.argv[3])}
 )
 big, keys = 10**12, {}
 for name in ["heavy"] + [f"light{n}" for n in range(4)]:
     user, _ = get_or_create_user(name)
-    set_user_quota(user, default_plan(), actor=None, requests_per_minute=10**9,
+    plan = default_plan() if name == "heavy" else light_plan
+    set_user_quota(user, plan, actor=None, requests_per_minute=10**9,
                    tokens_per_minute=big, tokens_per_hour=big, tokens_per_day=big,
                    max_parallel_requests=10**6, cooldown_minutes=0)
     keys[name] = create_api_key(user, actor=None, name="bench")[1]
@@ -181,8 +224,9 @@ print(json.dumps(keys))
 
 def row(name: str, samples: Samples, seconds: float) -> str:
     return (
-        f"| {name} | {len(samples.total)} | {samples.pct(samples.ttft, 0.5):.0f} | "
-        f"{samples.pct(samples.ttft, 0.99):.0f} | {samples.pct(samples.total, 0.5):.0f} | "
+        f"| {name} | {len(samples.total)} | {samples.pct(samples.ttft, 0.5):,.0f} | "
+        f"{samples.pct(samples.ttft, 0.9):,.0f} | {samples.pct(samples.ttft, 0.99):,.0f} | "
+        f"{samples.pct(samples.total, 0.5):,.0f} | "
         f"{samples.tokens / seconds:.0f} | {samples.failed} |"
     )
 
@@ -191,28 +235,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--heavy", type=int, default=64)
+    parser.add_argument("--warmup", type=float, default=15.0)
     options = parser.parse_args()
     engine = ("--engine", "gpu", "--max-running-requests", "64")
-    seconds, heavy = options.seconds, options.heavy
+    seconds, heavy, warmup = options.seconds, options.heavy, options.warmup
     results: dict[str, tuple[tuple[Samples, Samples, float], ...]] = {}
     with (
         simulator(MODEL, extra=engine) as upstream,
-        gateway(upstream, 0) as (fifo, keys),
-        gateway(upstream, 64) as (fair, fair_keys),
+        simulator(MODEL, extra=(*engine, "--enable-priority-scheduling")) as ranked,
+        gateway(upstream, 0) as (fifo, keys, _),
+        gateway(upstream, 64) as (fair, fair_keys, _),
+        gateway(ranked, 64, light_priority=10) as (fair_ranked, ranked_keys, _),
+        gateway(
+            ranked, 64, light_priority=10, settings={"GATEWAY_QUEUE_PREFILLS_PER_USER": "1"}
+        ) as (one, one_keys, _),
     ):
         configurations = (
-            ("direct", upstream, keys),
-            ("gateway FIFO", fifo, keys),
-            ("gateway fair", fair, fair_keys),
+            ("direct", upstream, upstream, keys),
+            ("gateway FIFO", fifo, upstream, keys),
+            ("gateway fair", fair, upstream, fair_keys),
+            ("gateway fair + priority", fair_ranked, ranked, ranked_keys),
+            ("gateway fair + priority, 1 prefill a user", one, ranked, one_keys),
         )
-        for name, target, users in configurations:
+        for name, target, server, users in configurations:
             results[name] = (
-                asyncio.run(scenario(target, upstream, users, seconds, 0)),
-                asyncio.run(scenario(target, upstream, users, seconds, heavy)),
+                asyncio.run(scenario(target, server, users, seconds, 0, warmup)),
+                asyncio.run(scenario(target, server, users, seconds, heavy, warmup)),
             )
-    print("| configuration, class | requests | TTFT p50 ms | TTFT p99 ms | completion p50 ms | "
-          "tokens/s | failed |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| configuration, class | requests | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | "
+          "completion p50 ms | tokens/s | failed |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, (quiet, busy) in results.items():
         print(row(f"{name}: light users alone", quiet[0], seconds))
         print(row(f"{name}: light users beside the heavy one", busy[0], seconds))
@@ -221,8 +273,10 @@ def main() -> None:
     for name, (quiet, busy) in results.items():
         light, alone = busy[0], quiet[0]
         ratio = light.pct(light.ttft, 0.99) / max(alone.pct(alone.ttft, 0.99), 1e-9)
-        print(f"{name}: upstream generation {quiet[2]:.0f} tokens/s alone, {busy[2]:.0f} "
-              f"contended; light TTFT p99 contended / alone = {ratio:.1f}x")  # fmt: skip
+        share = busy[2] / max(results["gateway FIFO"][1][2], 1e-9)
+        print(f"{name}: upstream generation {quiet[2]:,.0f} tokens/s alone, {busy[2]:,.0f} "
+              f"contended ({share:.0%} of FIFO's); light TTFT p99 contended / alone = "
+              f"{ratio:.1f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class ServedModelForm(forms.ModelForm):
             "name",
             "aliases",
             "upstream_url",
+            "more_upstream_urls",
             "upstream_kind",
             "tokenizer",
             "chat_template",

@@ -44,7 +44,8 @@ from gateway.limits import GatewayLimiter, shared_backend
 from gateway.preparation import Prepared, UpstreamTarget, prepare, tokenize, upstream_body
 from gateway.proxy import Call, Proxy
 from gateway.request_schema import CHAT, COMPLETIONS, TOKENIZE, Context, require_model, validate
-from gateway.scheduling import Place, Scheduler, make_queue
+from gateway.routing import Router, routing_key
+from gateway.scheduling import Place, Scheduler, Shape, make_queue
 from gateway.self_check import SelfChecker
 from gateway.stats import StatsPublisher
 from gateway.upstream import Upstream, tokenize_upstream
@@ -86,7 +87,12 @@ class Gateway:
         self.limits = GatewayLimiter(shared_backend(), clock)
         # Kinds of the "auto" upstreams, learnt by readiness checks; the proxy aborts by them.
         self.kinds = DetectedKinds()
-        self.proxy = Proxy(self.upstream, self.counters, self.ledger, self.limits, self.kinds)
+        # Which server of a model with several takes a request (loads read in the background).
+        self.router = Router()
+        self._routing: asyncio.Future[None] | None = None
+        self.proxy = Proxy(
+            self.upstream, self.counters, self.ledger, self.limits, self.kinds, self.router
+        )
         # Models with places upstream: who goes next when their server is full.
         self.scheduler = Scheduler(make_queue())
         self.stats = StatsPublisher()
@@ -175,6 +181,10 @@ class Gateway:
             self._adoption = asyncio.ensure_future(self._adopt_dead_spools())
         if self._rechecks is None and settings.GATEWAY_SELF_CHECK:
             self._rechecks = asyncio.ensure_future(self._recheck_periodically())
+        if self._routing is None:
+            self._routing = asyncio.ensure_future(
+                self.router.run(self.upstream.session, self.catalog.snapshot)
+            )
 
     def _self_check_summary(self, name: str) -> dict[str, Any] | None:
         result = self.self_check.results.get(name)
@@ -211,9 +221,10 @@ class Gateway:
 
     async def close(self) -> None:
         """Shut down cleanly: ship the ledger, close every pool (lifespan shutdown, tests)."""
-        rechecks, self._rechecks = self._rechecks, None
-        if rechecks is not None:
-            rechecks.cancel()
+        for task in (self._rechecks, self._routing):
+            if task is not None:
+                task.cancel()
+        self._rechecks = self._routing = None
         adoption, self._adoption = self._adoption, None
         if adoption is not None:
             adoption.cancel()
@@ -306,9 +317,12 @@ class Gateway:
         """A place on the model's server (gateway/scheduling.py). Refused, or the client gone
         while waiting: the limiter's reservation goes back at once (nothing was used)."""
         try:
-            return await self.scheduler.acquire(
-                call.model, call.grant, call.request_id, call.reserved, receive
-            )
+            place = await self.scheduler.acquire(
+                call.model, call.grant, call.request_id, call.reserved, receive,
+                Shape(call.streamed, call.prompt_count),
+            )  # fmt: skip
+            call.first_token = place.prefilled
+            return place
         except BaseException:
             await self.limits.settle(call.grant, call.request_id, 0)
             raise
@@ -411,6 +425,7 @@ class Gateway:
             prompt_count=prepared.prompt_tokens,
             reserved=reserved,
             headers=headers,
+            affinity=routing_key(model, grant.user_id, prepared.valid.fields),
         )
 
     async def _resolve(

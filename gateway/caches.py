@@ -135,6 +135,11 @@ class ModelInfo:
     # The estimator's refit for this model as sorted (name, value) pairs (hashable), () = none.
     estimator_fit: tuple[tuple[str, float], ...] = ()
     max_concurrent_requests: int = 0  # the fair queue's capacity; 0: no queue
+    # Every server of the model, upstream_url first (gateway/routing.py picks one a request).
+    upstream_urls: tuple[str, ...] = ()
+
+    def servers(self) -> tuple[str, ...]:
+        return self.upstream_urls or (self.upstream_url,)
 
 
 class ModelCatalog:
@@ -198,12 +203,16 @@ def model_info(row: dict[str, Any], default_upstream: str) -> ModelInfo:
     """A ServedModel's values (MODEL_FIELDS) as the gateway uses them."""
     from gateway.models import normalize_upstream_url
 
+    # Normalised here too: a row written around the services (an ORM update, SQL) with the
+    # OpenAI base URL must not turn every request into a 404.
+    primary = normalize_upstream_url(row["upstream_url"] or default_upstream)
+    more = row["more_upstream_urls"] if isinstance(row["more_upstream_urls"], list) else []
+    urls = (primary, *(normalize_upstream_url(str(url)) for url in more))
     return ModelInfo(
         name=row["name"],
         aliases=tuple(str(a) for a in row["aliases"] or ()),
-        # Normalised here too: a row written around the services (an ORM update, SQL)
-        # with the OpenAI base URL must not turn every request into a 404.
-        upstream_url=normalize_upstream_url(row["upstream_url"] or default_upstream),
+        upstream_url=primary,
+        upstream_urls=tuple(dict.fromkeys(url for url in urls if url)),
         tokenizer=row["tokenizer"],
         context_length=row["context_length"],
         korean_factor=row["korean_factor"],
@@ -247,4 +256,5 @@ MODEL_FIELDS = (
     "correct_offset_automatically",
     "estimator_fit",
     "max_concurrent_requests",
+    "more_upstream_urls",
 )

@@ -30,9 +30,12 @@ def check_upstreams_reachable(
 ) -> list[CheckMessage]:
     targets = {normalize_upstream_url(settings.SGLANG_URL): upstream_kinds.AUTO}
     if database_ready(databases):
-        for url, kind in ServedModel.objects.values_list("upstream_url", "upstream_kind"):
-            if url:
-                targets[normalize_upstream_url(url)] = kind
+        rows = ServedModel.objects.values("upstream_url", "upstream_kind", "more_upstream_urls")
+        for row in rows:
+            more = row["more_upstream_urls"] if isinstance(row["more_upstream_urls"], list) else []
+            for url in (row["upstream_url"], *more):
+                if url:
+                    targets[normalize_upstream_url(str(url))] = row["upstream_kind"]
     found: list[CheckMessage] = []
     for url, kind in sorted(targets.items()):
         problem = _probe(url, kind)

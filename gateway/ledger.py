@@ -90,6 +90,7 @@ class Outcome:
     client_disconnected: bool = False
     upstream_latency_ms: float | None = None
     time_to_first_token_ms: float | None = None
+    upstream: str = ""
 
 
 def usage_row(facts: RequestFacts, outcome: Outcome, finished_at: float | None = None) -> UsageRow:
@@ -114,6 +115,7 @@ def usage_row(facts: RequestFacts, outcome: Outcome, finished_at: float | None =
         client_disconnected=outcome.client_disconnected,
         upstream_latency_ms=outcome.upstream_latency_ms,
         time_to_first_token_ms=outcome.time_to_first_token_ms,
+        upstream=outcome.upstream,
     )
 
 

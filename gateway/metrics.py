@@ -69,6 +69,16 @@ QUEUE_SECONDS = Histogram(
     "gateway_queue_wait_seconds", "Time waited for a place on a full model server (fair queue).",
     buckets=LATENCY_BUCKETS,
 )  # fmt: skip
+UPSTREAM_EJECTIONS = Counter(
+    "gateway_upstream_ejections_total",
+    "Times a model server was left out of routing (refused a connection or failed its load "
+    "readings; gateway/routing.py).",
+    ["upstream"],
+)  # fmt: skip
+UPSTREAM_RETRIES = Counter(
+    "gateway_upstream_retries_total",
+    "Requests sent to another server after one refused the connection.", ["model"],
+)  # fmt: skip
 IN_FLIGHT = Gauge(
     "gateway_requests_in_flight", "Requests being proxied now.", multiprocess_mode="livesum"
 )

@@ -31,6 +31,31 @@ UPSTREAM_KINDS = [
     ("openai", _("other OpenAI-compatible server")),
 ]
 
+UPSTREAM_URL = r"^https?://[A-Za-z0-9._~-]+(:[0-9]{1,5})?(/[^\s]*)?$"
+UPSTREAM_URL_MESSAGE = _("Enter an http:// or https:// address, e.g. http://sglang:8000.")
+
+
+MAX_UPSTREAMS = 32
+
+
+def validate_upstream_urls(urls: object) -> None:
+    if (
+        not isinstance(urls, list)
+        or len(urls) > MAX_UPSTREAMS
+        or not all(
+            isinstance(url, str) and len(url) <= 300 and re.fullmatch(UPSTREAM_URL, url.strip())
+            for url in urls
+        )
+    ):
+        raise ValidationError(
+            gettext(
+                "Enter a list of at most %(count)d http:// or https:// addresses, e.g. "
+                '["http://sglang-2:8000"].'
+            )
+            % {"count": MAX_UPSTREAMS}
+        )
+
+
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -57,13 +82,22 @@ class ServedModel(models.Model):
         _("upstream URL"),
         max_length=300,
         blank=True,
-        validators=[
-            RegexValidator(
-                r"^https?://[A-Za-z0-9._~-]+(:[0-9]{1,5})?(/[^\s]*)?$",
-                _("Enter an http:// or https:// address, e.g. http://sglang:8000."),
-            )
-        ],
+        validators=[RegexValidator(UPSTREAM_URL, UPSTREAM_URL_MESSAGE)],
         help_text=_("Blank: the SGLANG_URL setting."),
+    )
+    # Replicas of the same server (same model, same flags): the gateway routes among them all
+    # (gateway/routing.py).
+    more_upstream_urls = models.JSONField(
+        _("more upstream URLs"),
+        default=list,
+        blank=True,
+        validators=[validate_upstream_urls],
+        help_text=_(
+            'Other servers running the same model, e.g. ["http://sglang-2:8000"]. Requests go '
+            "to the least loaded, a user's requests to the same server while it is not much "
+            "busier (its prefix cache stays warm); a server that refuses connections or fails "
+            "its health checks is left out until it recovers."
+        ),
     )
     tokenizer = models.CharField(
         _("tokenizer"),
@@ -155,6 +189,9 @@ class ServedModel(models.Model):
 
     def clean(self) -> None:
         self.upstream_url = normalize_upstream_url(self.upstream_url)
+        if isinstance(self.more_upstream_urls, list):
+            urls = [normalize_upstream_url(str(url)) for url in self.more_upstream_urls]
+            self.more_upstream_urls = list(dict.fromkeys(u for u in urls if u))
 
 
 CHECK_OUTCOMES = [

@@ -4,6 +4,11 @@ Each request is a `Call`. The relay runs as its own task next to a task that wai
 client's `http.disconnect`; a disconnect cancels the relay, which closes the upstream
 connection at once (SGLang aborts generation when its client goes away) and still records
 what was generated so far.
+
+A model with several servers (gateway/routing.py): the router picks one; a connection it
+refuses is tried on the next (nothing was sent), and so is a pooled connection it dropped
+before answering when it then refuses a new one (a dead server runs nothing). Nothing is sent
+twice to a server that may have it, and nothing is retried once the answer started.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +31,7 @@ from gateway.counting import Counters
 from gateway.errors import GatewayError, error_body, rewrite_upstream_error
 from gateway.ledger import LedgerWriter, Outcome, RequestFacts, usage_row
 from gateway.limits import GatewayLimiter
+from gateway.routing import Router
 from gateway.sse import (
     DONE,
     EventSplitter,
@@ -40,7 +47,16 @@ from quotas.services import KeyGrant
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_SECONDS = 2.0
+DEAD_PROBE_SECONDS = 1.0
 MISMATCH_LOG_SECONDS = 600.0
+
+
+class Refused(Exception):
+    """The server never had the request: another may take it."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 @dataclass(slots=True)
@@ -67,6 +83,9 @@ class Call:
     upstream_latency_ms: float | None = None
     ttft_ms: float | None = None
     facts: RequestFacts | None = None  # as written ahead; the row is built from the same
+    affinity: str = ""  # gateway/routing.py: requests with the same key prefer one server
+    first_token: Callable[[], None] = lambda: None  # told when the first token arrives
+    upstream_url: str = ""  # the server it went to (the last one tried)
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started_perf) * 1000.0
@@ -80,8 +99,10 @@ class Proxy:
         ledger: LedgerWriter,
         limits: GatewayLimiter,
         kinds: DetectedKinds | None = None,
+        router: Router | None = None,
     ) -> None:
         self.upstream = upstream
+        self.router = router or Router()
         self.counters = counters
         self.ledger = ledger
         self.limits = limits
@@ -143,11 +164,12 @@ class Proxy:
         """Closing the connection stops generation on every kind of server; SGLang also has
         /abort_request by rid, the explicit route (some releases kept decoding after a close:
         ../shared/reference/sglang.md). Fire and forget: the client is gone already."""
-        kind = self.kinds.kind(call.model.upstream_url, call.model.upstream_kind)
+        url = call.upstream_url or call.model.upstream_url
+        kind = self.kinds.kind(url, call.model.upstream_kind)
         path = traits(kind).abort_path if kind is not None else ""
         if not path:
             return
-        task = asyncio.ensure_future(self._post_abort(f"{call.model.upstream_url}{path}", call))
+        task = asyncio.ensure_future(self._post_abort(f"{url}{path}", call))
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
@@ -176,24 +198,70 @@ class Proxy:
         )
 
     async def _relay(self, call: Call, out: Responder, headers: Headers) -> None:
-        url = f"{call.model.upstream_url}/v1/{call.endpoint}"
+        tried: set[str] = set()
+        last: BaseException = ConnectionRefusedError()
+        while True:
+            url = self.router.choose(call.model, call.affinity, frozenset(tried))
+            if not url:  # every server refused: the last one's error
+                await self._fail(call, out, headers, unreachable(call.upstream_url, last))
+                return
+            if tried:
+                metrics.UPSTREAM_RETRIES.labels(call.model.name).inc()
+            call.upstream_url = url
+            several = len(call.model.servers()) > 1
+            if several:
+                self.router.started(url)
+            try:
+                await self._relay_to(url, call, out, headers)
+                if several:
+                    self.router.answered(url)
+                return
+            except Refused as refused:
+                last = refused.cause
+                tried.add(url)
+                if several:
+                    self.router.refused(url)
+            finally:
+                if several:
+                    self.router.finished(url)
+
+    async def _relay_to(self, url: str, call: Call, out: Responder, headers: Headers) -> None:
+        """The call on one server; Refused when that server cannot have had it."""
         session = self.upstream.session()
+        answered = False
         try:
             async with session.post(
-                url,
+                f"{url}/v1/{call.endpoint}",
                 data=call.upstream_body,
                 headers={"Content-Type": "application/json", "X-Request-Id": call.request_id},
                 timeout=timeouts(call.model.request_timeout, call.streamed),
             ) as response:
+                answered = True
                 call.upstream_latency_ms = call.elapsed_ms()
                 if response.status != 200 or not call.streamed:
                     await self._relay_whole(call, response, out, headers)
                 else:
                     await self._relay_stream(call, response, out, headers)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise Refused(exc) from exc  # no connection: nothing was sent
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            await self._fail(call, out, headers, timed_out(call.model.upstream_url))
+            await self._fail(call, out, headers, timed_out(url))
         except aiohttp.ClientError as exc:
-            await self._fail(call, out, headers, unreachable(call.model.upstream_url, exc))
+            # A pooled connection dropped before any answer: sent, perhaps. Retried only if
+            # the server now refuses connections: a dead server is running nothing.
+            if not answered and not out.started and await self._refuses(url):
+                raise Refused(exc) from exc
+            await self._fail(call, out, headers, unreachable(url, exc))
+
+    async def _refuses(self, url: str) -> bool:
+        try:
+            timeout = aiohttp.ClientTimeout(total=DEAD_PROBE_SECONDS)
+            async with self.upstream.session().get(f"{url}/health", timeout=timeout):
+                return False
+        except aiohttp.ClientConnectorError:
+            return True
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     async def _relay_whole(
         self, call: Call, response: aiohttp.ClientResponse, out: Responder, headers: Headers
@@ -229,6 +297,7 @@ class Proxy:
                 for event in splitter.feed(chunk):
                     if call.ttft_ms is None:
                         call.ttft_ms = call.elapsed_ms()
+                        call.first_token()
                     if account.inspect(event) or call.client_wants_usage:
                         if _held_back(event, account, call):
                             continue
@@ -321,6 +390,7 @@ class Proxy:
             client_disconnected=call.client_disconnected,
             upstream_latency_ms=call.upstream_latency_ms,
             time_to_first_token_ms=call.ttft_ms,
+            upstream=call.upstream_url,
         )
         facts = call.facts or self._facts(call)
         self.ledger.record(usage_row(facts, outcome))

@@ -4,7 +4,10 @@ A model with `max_concurrent_requests` (ServedModel, "places upstream") set gets
 many places, counted across every gateway (tokenlimit/fair_queue.py: in Redis when REDIS_URL is
 set, else in this process). A request admitted by the limits takes a place and gives it back
 when its answer ends; when none is free it waits, in weighted fair order (its reserved tokens
-over its plan's `fair_share_weight`), at most its plan's `max_queue_seconds`:
+over its plan's `fair_share_weight`; a plan's `priority` first, as SGLang orders its own queue),
+at most its plan's `max_queue_seconds`. One user holds at
+most the pool less GATEWAY_QUEUE_HEADROOM of it (an eighth by default, at least one place): a
+user who keeps the server full still leaves places for another user's request to start at once.
 
 - still waiting then: 429 with a Retry-After from the rate at which the queue ahead of it
   drained while it waited (`x-should-retry: true`);
@@ -32,8 +35,15 @@ from gateway import metrics
 from gateway.asgi_io import ClientDisconnected, Receive, wait_for_disconnect
 from gateway.caches import ModelInfo
 from gateway.errors import GatewayError
+from gateway.prefill_gate import Key, PrefillGate, non_streamed_prefill_seconds
 from quotas.services import KeyGrant
-from tokenlimit.fair_queue import FairQueue, FairQueueUnavailable, Position, Ticket
+from tokenlimit.fair_queue import (
+    FairQueue,
+    FairQueueUnavailable,
+    PoolLimits,
+    Position,
+    Ticket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +53,35 @@ UNAVAILABLE_LOG_EVERY = 60.0
 RATE_MEMORY_SECONDS = 60.0
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What the prefill gate needs to know of a request."""
+
+    streamed: bool = True
+    prompt_tokens: int = 0
+
+
 @dataclass
 class Place:
     """A place in a model's pool, held until `release()`; `ticket` None: nothing was held."""
 
-    queue: FairQueue | None = None
+    scheduler: Scheduler | None = None
     ticket: Ticket | None = None
+    prefilling: Key | None = None  # a prefill slot held (gateway/prefill_gate.py)
+
+    def prefilled(self) -> None:
+        """Its first token came (or should have): the user's next request may prefill."""
+        if self.scheduler is not None and self.prefilling is not None:
+            self.scheduler.gate.leave(self.prefilling)
+        self.prefilling = None
 
     async def release(self) -> None:
-        if self.queue is None or self.ticket is None:
+        self.prefilled()
+        if self.scheduler is None or self.ticket is None:
             return
         with contextlib.suppress(FairQueueUnavailable):  # if so, the lease frees it
-            await self.queue.leave(self.ticket, time.time())
+            await self.scheduler.queue.leave(self.ticket, time.time())
+        self.scheduler.wake(self.ticket.pool)
         self.ticket = None
 
 
@@ -65,8 +92,44 @@ class Scheduler:
         # RATE_MEMORY_SECONDS (a rate from a quiet hour must not refuse a busy minute).
         self.drain_rates: dict[str, tuple[float, float]] = {}
         self._last_warning = 0.0
+        # pool -> resolved when a place of it frees in this process: its waiters ask at once
+        # rather than at their next poll (a place handed on without an idle gap).
+        self._freed: dict[str, asyncio.Future[None]] = {}
+        self.gate = PrefillGate()
+
+    def wake(self, pool: str) -> None:
+        freed = self._freed.pop(pool, None)
+        if freed is not None and not freed.done():
+            freed.set_result(None)
+
+    def _place_freed(self, pool: str) -> asyncio.Future[None]:
+        freed = self._freed.get(pool)
+        if freed is None or freed.done() or freed.get_loop() is not asyncio.get_running_loop():
+            freed = self._freed[pool] = asyncio.get_running_loop().create_future()
+        return freed
 
     async def acquire(
+        self, model: ModelInfo, grant: KeyGrant, rid: str, reserved: int, receive: Receive,
+        request: Shape = Shape(),
+    ) -> Place:  # fmt: skip
+        """A place on the model's server, and then a prefill slot of the user's."""
+        place = await self._place(model, grant, rid, reserved, receive)
+        if place.ticket is None:
+            return place
+        key = (model.name, place.ticket.user)
+        try:
+            held = await self.gate.enter(key, settings.GATEWAY_QUEUE_PREFILLS_PER_USER, receive)
+        except BaseException:
+            await place.release()
+            raise
+        if held:
+            place.prefilling = key
+            if not request.streamed:  # no first token to see: the time its prompt takes
+                delay = non_streamed_prefill_seconds(request.prompt_tokens)
+                asyncio.get_running_loop().call_later(delay, place.prefilled)
+        return place
+
+    async def _place(
         self, model: ModelInfo, grant: KeyGrant, rid: str, reserved: int, receive: Receive
     ) -> Place:
         capacity = model.max_concurrent_requests
@@ -74,23 +137,22 @@ class Scheduler:
             return Place()
         access = grant.access
         ticket = Ticket(model.name, rid, str(grant.user_id),
-                        max(reserved, 1) / max(access.fair_share_weight, 1))  # fmt: skip
-        lease = model.request_timeout + LEASE_MARGIN_SECONDS
+                        max(reserved, 1) / max(access.fair_share_weight, 1),
+                        queue_priority(access.priority))  # fmt: skip
+        limits = pool_limits(capacity, model.request_timeout)
         started = time.monotonic()
         try:
-            position = await self.queue.enqueue(
-                ticket, capacity, time.time(), lease, settings.GATEWAY_QUEUE_MAX_WAITING
-            )
+            position = await self.queue.enqueue(ticket, limits, time.time())
             if position.refused:
                 raise overloaded(model.name, self._retry_after(model.name, position.ahead, 1.0))
             if not position.granted:
                 await self._refuse_if_hopeless(ticket, position, access.max_queue_seconds)
-                await self._wait(ticket, capacity, lease, access.max_queue_seconds, receive)
+                await self._wait(ticket, limits, access.max_queue_seconds, receive)
         except FairQueueUnavailable as exc:
             self._warn(exc)
             return Place()
         metrics.QUEUE_SECONDS.observe(time.monotonic() - started)
-        return Place(self.queue, ticket)
+        return Place(self, ticket)
 
     def _rate(self, pool: str) -> float | None:
         seen = self.drain_rates.get(pool)
@@ -99,19 +161,22 @@ class Scheduler:
         return seen[0]
 
     async def _refuse_if_hopeless(self, ticket: Ticket, position: Position, bound: float) -> None:
-        """At the last seen drain rate, would it wait past its plan's bound? Then say so now."""
-        rate = self._rate(ticket.pool)
+        """At the last seen drain rate, would it wait past its plan's bound? Then say so now.
+        (Not for a user at its cap: it waits for its own places, not for the queue.)"""
+        rate = None if position.capped else self._rate(ticket.pool)
         expected = (position.ahead + 1) / rate if rate else 0.0
         if bound <= 0 or (rate and expected > bound):
             await self.queue.leave(ticket, time.time())
             raise queue_full(ticket.pool, self._retry_after(ticket.pool, position.ahead, bound))
 
     async def _wait(
-        self, ticket: Ticket, capacity: int, lease: float, bound: float, receive: Receive
+        self, ticket: Ticket, limits: PoolLimits, bound: float, receive: Receive
     ) -> None:
-        started = time.monotonic()
-        deadline = started + bound
+        deadline = time.monotonic() + bound
+        # The queue's pace, measured while this request stood in it uncapped: how many went
+        # first since `measured_from`.
         first_ahead: int | None = None
+        measured_from = 0.0
         ahead = 0
         disconnect = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
@@ -122,21 +187,25 @@ class Scheduler:
                     retry = self._retry_after(ticket.pool, ahead, bound)
                     raise queue_full(ticket.pool, retry)
                 poll_every = settings.GATEWAY_QUEUE_POLL_SECONDS
-                await asyncio.wait({disconnect}, timeout=min(poll_every, left))
+                freed = self._place_freed(ticket.pool)
+                await asyncio.wait({disconnect, freed}, timeout=min(poll_every, left))
                 if disconnect.done():
                     await self.queue.leave(ticket, time.time())
                     raise ClientDisconnected()
-                position = await self.queue.poll(ticket, capacity, time.time(), lease)
+                position = await self.queue.poll(ticket, limits, time.time())
                 if position.gone:  # this loop stalled past the waiting lease: in again
-                    position = await self.queue.enqueue(
-                        ticket, capacity, time.time(), lease, settings.GATEWAY_QUEUE_MAX_WAITING
-                    )
+                    position = await self.queue.enqueue(ticket, limits, time.time())
+                if position.granted:
+                    if first_ahead is not None:
+                        self._note_rate(ticket.pool, first_ahead + 1, measured_from)
+                    return
+                if position.capped:  # its wait says nothing of the queue's pace
+                    first_ahead = None
+                    continue
                 ahead = position.ahead
                 if first_ahead is None:
-                    first_ahead = ahead
-                self._note_rate(ticket.pool, first_ahead - ahead + position.granted, started)
-                if position.granted:
-                    return
+                    first_ahead, measured_from = ahead, time.monotonic()
+                self._note_rate(ticket.pool, first_ahead - ahead, measured_from)
         finally:
             disconnect.cancel()
 
@@ -157,6 +226,26 @@ class Scheduler:
 
     async def close(self) -> None:
         await self.queue.close()
+
+
+def queue_priority(priority: int | None) -> int:
+    """A plan's priority as the queue orders it (higher first): SGLang's default order, or the
+    reverse for servers started with --schedule-low-priority-values-first."""
+    if priority is None:
+        return 0
+    return -priority if settings.GATEWAY_QUEUE_LOW_PRIORITY_VALUES_FIRST else priority
+
+
+def pool_limits(capacity: int, request_timeout: float) -> PoolLimits:
+    """A pool of `capacity` places; one user may hold all but the headroom (none in a pool of
+    one: there, a user simply waits its turn)."""
+    headroom = math.ceil(capacity * settings.GATEWAY_QUEUE_HEADROOM) if capacity > 1 else 0
+    return PoolLimits(
+        capacity=capacity,
+        user_cap=max(capacity - headroom, 1),
+        lease=request_timeout + LEASE_MARGIN_SECONDS,
+        max_waiting=settings.GATEWAY_QUEUE_MAX_WAITING,
+    )
 
 
 def _retry_headers(seconds: float) -> list[tuple[bytes, bytes]]:

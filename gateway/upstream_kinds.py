@@ -101,11 +101,13 @@ class DetectedKinds:
 
 
 def upstreams(models: Any) -> dict[str, str]:
-    """Each distinct upstream URL of `models` (objects with upstream_url and upstream_kind) with
-    its configured kind; when models on one URL disagree, a set kind wins over "auto"."""
+    """Each distinct upstream URL of `models` (objects with upstream_kind and `servers()`, every
+    server of the model) with its configured kind; when models on one URL disagree, a set kind
+    wins over "auto"."""
     found: dict[str, str] = {}
     for model in models:
-        url, kind = model.upstream_url, model.upstream_kind or AUTO
-        if found.get(url, AUTO) == AUTO:
-            found[url] = kind
+        kind = model.upstream_kind or AUTO
+        for url in model.servers():
+            if found.get(url, AUTO) == AUTO:
+                found[url] = kind
     return found

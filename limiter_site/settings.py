@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -53,7 +54,9 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
     return value
 
 
-def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
+def env_float(
+    name: str, default: float, *, minimum: float = 0.0, maximum: float = math.inf
+) -> float:
     raw = os.environ.get(name)
     if raw is None:
         return default
@@ -63,6 +66,8 @@ def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
         raise ImproperlyConfigured(f"{name} must be a number, got {raw!r}") from None
     if value < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {value}")
+    if value > maximum:
+        raise ImproperlyConfigured(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
@@ -462,6 +467,18 @@ GATEWAY_LEDGER_ADOPT_SECONDS = env_float("GATEWAY_LEDGER_ADOPT_SECONDS", 10.0, m
 # model at most (more get 503), and how often a waiting request asks for its turn.
 GATEWAY_QUEUE_MAX_WAITING = env_int("GATEWAY_QUEUE_MAX_WAITING", 1000, minimum=1)
 GATEWAY_QUEUE_POLL_SECONDS = env_float("GATEWAY_QUEUE_POLL_SECONDS", 0.02, minimum=0.001)
+# Requests of one user on a model with places that may await their first token at once, per
+# gateway (gateway/prefill_gate.py: a burst of long prompts must not hold up others' short
+# ones); 0: no limit.
+GATEWAY_QUEUE_PREFILLS_PER_USER = env_int("GATEWAY_QUEUE_PREFILLS_PER_USER", 2, minimum=0)
+# As the servers' --schedule-low-priority-values-first: the queue then serves a plan's lower
+# priority values first (SGLang's default, and this one's: higher first).
+GATEWAY_QUEUE_LOW_PRIORITY_VALUES_FIRST = env_bool("GATEWAY_QUEUE_LOW_PRIORITY_VALUES_FIRST", False)
+# How often a gateway reads the load of each server of a model with several (gateway/routing.py).
+GATEWAY_ROUTING_POLL_SECONDS = env_float("GATEWAY_ROUTING_POLL_SECONDS", 1.0, minimum=0.05)
+# The share of a model's places no single user may take (gateway/scheduling.py): room for
+# another user's request to start while one user keeps the server full.
+GATEWAY_QUEUE_HEADROOM = env_float("GATEWAY_QUEUE_HEADROOM", 0.125, minimum=0.0, maximum=0.9)
 
 # Per-user labels on the gateway's Prometheus series: off, as users are unbounded.
 GATEWAY_METRICS_PER_USER = env_bool("GATEWAY_METRICS_PER_USER", False)

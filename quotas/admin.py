@@ -358,7 +358,7 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "request_id", "started_shown", "finished_at", "user", "api_key", "model", "endpoint",
         "status_code", "error_type", "refusal", "prompt_tokens", "completion_tokens",
         "cached_tokens", "total_shown", "estimated_prompt_tokens", "usage_source", "streamed",
-        "client_disconnected", "latency_shown", "ttft_shown",
+        "client_disconnected", "latency_shown", "ttft_shown", "upstream",
     )  # fmt: skip
     readonly_fields = fields
     # No date_hierarchy: it runs DISTINCT date queries over the whole table. The date filter

@@ -211,6 +211,8 @@ class UsageRecord(models.Model):
     finished_at = models.DateTimeField(_("finished"))
     upstream_latency_ms = models.FloatField(_("upstream latency (ms)"), null=True, blank=True)
     time_to_first_token_ms = models.FloatField(_("time to first token (ms)"), null=True, blank=True)
+    # A model may have several servers (gateway/routing.py): which one answered ("": none).
+    upstream = models.CharField(_("upstream"), max_length=300, blank=True, default="")
 
     class Meta:
         verbose_name = _("usage record")

@@ -87,6 +87,7 @@ RAW_HEADER = (
     "client_disconnected",
     "upstream_latency_ms",
     "time_to_first_token_ms",
+    "upstream",
 )
 _RAW_FIELDS = (
     "request_id",
@@ -108,6 +109,7 @@ _RAW_FIELDS = (
     "client_disconnected",
     "upstream_latency_ms",
     "time_to_first_token_ms",
+    "upstream",
 )
 
 
@@ -164,8 +166,8 @@ def _rollup_row(row: tuple[Any, ...]) -> list[str]:
 
 def _raw_row(row: tuple[Any, ...]) -> list[str]:
     (request_id, started, finished, user_id, username, key_id, model, endpoint, status, error,
-     prompt, completion, cached, estimated, source, streamed, disconnected, upstream,
-     ttft) = row  # fmt: skip
+     prompt, completion, cached, estimated, source, streamed, disconnected, upstream_ms,
+     ttft, upstream) = row  # fmt: skip
     return [
         request_id,
         _moment(started, "milliseconds"),
@@ -185,8 +187,9 @@ def _raw_row(row: tuple[Any, ...]) -> list[str]:
         source,
         _flag(streamed),
         _flag(disconnected),
-        _number(upstream),
+        _number(upstream_ms),
         _number(ttft),
+        upstream,
     ]
 
 

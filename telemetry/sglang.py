@@ -368,20 +368,13 @@ def upstream_urls() -> list[str]:
 def upstream_targets() -> dict[str, str]:
     """{upstream URL: configured kind} of the active served models; SGLANG_URL ("auto") when
     there are none."""
+    from gateway.caches import MODEL_FIELDS, model_info
     from gateway.models import ServedModel
 
     default = settings.SGLANG_URL.rstrip("/")
-    rows = ServedModel.objects.filter(is_active=True).values_list("upstream_url", "upstream_kind")
-    models = [
-        _Target((url or default).rstrip("/"), kind or upstream_kinds.AUTO) for url, kind in rows
-    ]
+    rows = ServedModel.objects.filter(is_active=True).values(*MODEL_FIELDS)
+    models = [model_info(row, default) for row in rows]
     return upstream_kinds.upstreams(models) or {default: upstream_kinds.AUTO}
-
-
-@dataclass(frozen=True)
-class _Target:
-    upstream_url: str
-    upstream_kind: str
 
 
 # --- Rates between two samples -------------------------------------------------------------------

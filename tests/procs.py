@@ -84,14 +84,28 @@ def simulator(
     extra: tuple[str, ...] = (),
 ) -> Iterator[str]:
     """`extra`: more options, e.g. ("--kind", "openai-generic") for a server without /health."""
-    port = free_port()
+    with simulator_process(model, tokens_per_second, ttft_ms, extra) as (url, _proc):
+        yield url
+
+
+@contextmanager
+def simulator_process(
+    model: str = "Qwen/Qwen2.5-7B-Instruct",
+    tokens_per_second: float = 2000.0,
+    ttft_ms: float = 5.0,
+    extra: tuple[str, ...] = (),
+    port: int = 0,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The simulator and its process (to kill it); `port`: a given one (a server restarted
+    where it was), else a free one."""
+    port = port or free_port()
     args = [
         "manage.py", "simulate_sglang", "--host", "127.0.0.1", "--port", str(port),
         "--model", model, "--tokens-per-second", str(tokens_per_second), "--ttft-ms", str(ttft_ms),
         *extra,
     ]  # fmt: skip
-    with running(args, f"http://127.0.0.1:{port}/v1/models"):
-        yield f"http://127.0.0.1:{port}"
+    with running(args, f"http://127.0.0.1:{port}/v1/models") as proc:
+        yield f"http://127.0.0.1:{port}", proc
 
 
 @contextmanager

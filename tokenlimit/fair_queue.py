@@ -10,7 +10,15 @@ cost its reserved tokens and weight its plan's share; the lowest tag goes first,
 virtual time V advances to the start tag of what is served. A user who sends 64 long requests
 at once queues them one behind the other in tag order, so a light user's short request,
 tagged from V, overtakes all but the first few of them. A user who was idle does not save up
-credit (the tag starts at V, never earlier).
+credit (the tag starts at V, never earlier). A plan's priority comes before any tag: a
+request of a higher priority goes before every waiting request of a lower one (the order
+SGLang's --enable-priority-scheduling keeps in the server's own queue).
+
+No user holds every place: each may hold at most `user_cap` of them (the gateway leaves an
+eighth of the pool as headroom, gateway/scheduling.py). A waiting request whose user is at its
+cap is passed over, however low its tag, and the places go to the next requests in order; so a
+user who keeps the pool full still leaves room for another user's request to start at once,
+instead of waiting for one of the full user's long answers to end.
 
 Shared by every gateway through Redis (`RedisFairQueue`, tokenlimit/fair_queue.lua: one script
 call an enqueue, poll or leave, so concurrent gateways never give one place twice), or held in
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +50,11 @@ from typing import Any, Protocol
 LUA = (Path(__file__).with_name("fair_queue.lua")).read_text()
 # A waiting entry not polled for this long belongs to a dead gateway (polls come every few ms).
 WAIT_LEASE_SECONDS = 5.0
+# A waiting request looks this far ahead of itself for requests that may take a place first
+# (past it, it waits: bounded work a poll, whatever the queue's length).
+SCAN_LIMIT = 256
+# Priorities are clamped to ± this: exact as a Redis score (a double).
+MAX_PRIORITY = 10**9
 
 
 class FairQueueUnavailable(Exception):
@@ -53,6 +67,15 @@ class Ticket:
     rid: str
     user: str
     share: float  # cost / weight: reserved tokens over the plan's weight
+    priority: int = 0  # higher first, before any tag (within MAX_PRIORITY)
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    capacity: int  # places in the pool
+    user_cap: int  # places one user may hold at once
+    lease: float  # seconds a place is held at most (a dead gateway's place frees then)
+    max_waiting: int  # past it, enqueue refuses
 
 
 @dataclass(frozen=True)
@@ -62,14 +85,15 @@ class Position:
     running: int = 0  # requests holding a place
     refused: bool = False  # the queue is full
     gone: bool = False  # not in the queue any more (left, or its entry expired)
+    # Its user holds its cap: it waits for one of its user's own places to free, however fast
+    # the queue drains (`ahead` is then its rank, not a measure of its wait).
+    capped: bool = False
 
 
 class FairQueue(Protocol):
-    async def enqueue(
-        self, ticket: Ticket, capacity: int, now: float, lease: float, max_waiting: int
-    ) -> Position: ...
+    async def enqueue(self, ticket: Ticket, limits: PoolLimits, now: float) -> Position: ...
 
-    async def poll(self, ticket: Ticket, capacity: int, now: float, lease: float) -> Position: ...
+    async def poll(self, ticket: Ticket, limits: PoolLimits, now: float) -> Position: ...
 
     async def leave(self, ticket: Ticket, now: float) -> None: ...
 
@@ -78,17 +102,25 @@ class FairQueue(Protocol):
 
 def _position(raw: list[Any]) -> Position:
     code, ahead, running = int(raw[0]), int(raw[1]), int(raw[2])
-    return Position(code == 1, ahead, running, refused=code == -1, gone=code == -2)
+    return Position(
+        code == 1, ahead, running, refused=code == -1, gone=code == -2, capped=code == 3
+    )
 
 
 @dataclass
 class _Pool:
-    in_flight: dict[str, float] = field(default_factory=dict)  # rid -> lease deadline
-    # (tag, arrival, rid) in order: a poll's rank is one bisection, not a sort.
-    order: list[tuple[float, int, str]] = field(default_factory=list)
-    entries: dict[str, tuple[float, int, str, float]] = field(default_factory=dict)  # +share
+    in_flight: dict[str, tuple[float, str]] = field(default_factory=dict)  # rid -> lease, user
+    held: collections.Counter[str] = field(default_factory=collections.Counter)  # user -> places
+    # (-priority, tag, arrival, rid) in order: a poll's rank is one bisection, not a sort.
+    order: list[tuple[int, float, int, str]] = field(default_factory=list)
+    entries: dict[str, tuple[int, float, int, str, float, str]] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)  # user -> last tag
     virtual_time: float = 0.0
+
+    def free(self, rid: str) -> None:
+        held = self.in_flight.pop(rid, None)
+        if held is not None:
+            self.held[held[1]] -= 1
 
 
 class MemoryFairQueue:
@@ -100,57 +132,79 @@ class MemoryFairQueue:
 
     def _pool(self, ticket: Ticket, now: float) -> _Pool:
         pool = self.pools.setdefault(ticket.pool, _Pool())
-        for rid, deadline in list(pool.in_flight.items()):
+        for rid, (deadline, _user) in list(pool.in_flight.items()):
             if deadline <= now:
-                del pool.in_flight[rid]
+                pool.free(rid)
         return pool
 
-    async def enqueue(
-        self, ticket: Ticket, capacity: int, now: float, lease: float, max_waiting: int
-    ) -> Position:
+    async def enqueue(self, ticket: Ticket, limits: PoolLimits, now: float) -> Position:
         pool = self._pool(ticket, now)
-        if len(pool.entries) >= max_waiting:
+        if len(pool.entries) >= limits.max_waiting:
             return Position(False, len(pool.entries), len(pool.in_flight), refused=True)
         tag = max(pool.virtual_time, pool.last.get(ticket.user, 0.0)) + ticket.share
         pool.last[ticket.user] = tag
-        key = (tag, next(self._seq), ticket.rid)
-        pool.entries[ticket.rid] = (*key, ticket.share)
+        key = (-_clamped(ticket.priority), tag, next(self._seq), ticket.rid)
+        pool.entries[ticket.rid] = (*key, ticket.share, ticket.user)
         bisect.insort(pool.order, key)
-        return self._turn(pool, ticket, capacity, now, lease)
+        return self._turn(pool, ticket, limits, now)
 
-    async def poll(self, ticket: Ticket, capacity: int, now: float, lease: float) -> Position:
-        return self._turn(self._pool(ticket, now), ticket, capacity, now, lease)
+    async def poll(self, ticket: Ticket, limits: PoolLimits, now: float) -> Position:
+        return self._turn(self._pool(ticket, now), ticket, limits, now)
 
-    def _turn(
-        self, pool: _Pool, ticket: Ticket, capacity: int, now: float, lease: float
-    ) -> Position:
+    def _turn(self, pool: _Pool, ticket: Ticket, limits: PoolLimits, now: float) -> Position:
         entry = pool.entries.get(ticket.rid)
         if entry is None:
             if ticket.rid in pool.in_flight:
                 return Position(True, 0, len(pool.in_flight))
             return Position(False, 0, len(pool.in_flight), gone=True)
-        tag, seq, rid, share = entry
-        ahead = bisect.bisect_left(pool.order, (tag, seq, rid))
-        if ahead < capacity - len(pool.in_flight):
-            self._remove(pool, ticket.rid)
-            pool.in_flight[ticket.rid] = now + lease
-            pool.virtual_time = max(pool.virtual_time, tag - share)
-            return Position(True, 0, len(pool.in_flight))
+        negated_priority, tag, seq, rid, share, user = entry
+        rank = bisect.bisect_left(pool.order, (negated_priority, tag, seq, rid))
+        if pool.held[user] >= limits.user_cap:
+            return Position(False, rank, len(pool.in_flight), capped=True)
+        ahead = rank
+        if rank <= SCAN_LIMIT:
+            users = [pool.entries[key[3]][5] for key in pool.order[:rank]]
+            ahead = _first_served(users, pool.held, limits.user_cap)
+            if ahead < limits.capacity - len(pool.in_flight):
+                self._remove(pool, ticket.rid)
+                pool.in_flight[ticket.rid] = (now + limits.lease, user)
+                pool.held[user] += 1
+                pool.virtual_time = max(pool.virtual_time, tag - share)
+                return Position(True, 0, len(pool.in_flight))
         return Position(False, ahead, len(pool.in_flight))
 
     @staticmethod
     def _remove(pool: _Pool, rid: str) -> None:
         entry = pool.entries.pop(rid, None)
         if entry is not None:
-            del pool.order[bisect.bisect_left(pool.order, entry[:3])]
+            del pool.order[bisect.bisect_left(pool.order, entry[:4])]
 
     async def leave(self, ticket: Ticket, now: float) -> None:
         pool = self._pool(ticket, now)
-        pool.in_flight.pop(ticket.rid, None)
+        pool.free(ticket.rid)
         self._remove(pool, ticket.rid)
 
     async def close(self) -> None:
         return None
+
+
+def _clamped(priority: int) -> int:
+    return min(max(priority, -MAX_PRIORITY), MAX_PRIORITY)
+
+
+def _first_served(users_ahead: list[str], held: collections.Counter[str], cap: int) -> int:
+    """How many of the requests ahead (their users, in order) would take a place first: those
+    whose user is below the cap, counting the places each takes."""
+    taking: collections.Counter[str] = collections.Counter()
+    served = 0
+    for user in users_ahead:
+        if held[user] + taking[user] < cap:
+            taking[user] += 1
+            served += 1
+    return served
+
+
+_LEAVING = PoolLimits(0, 0, 0.0, 0)
 
 
 class RedisFairQueue:
@@ -172,13 +226,11 @@ class RedisFairQueue:
         base = f"{self.prefix}:fq:{{{pool}}}"
         return [f"{base}:in", f"{base}:wait", f"{base}:state", f"{base}:wait-lease"]
 
-    async def _call(
-        self, op: str, ticket: Ticket, capacity: int, now: float, lease: float = 0.0,
-        max_waiting: int = 0,
-    ) -> Position:  # fmt: skip
+    async def _call(self, op: str, ticket: Ticket, limits: PoolLimits, now: float) -> Position:
         args: list[str | float] = [
-            op, ticket.rid, ticket.user, ticket.share, capacity, now, lease, max_waiting,
-            WAIT_LEASE_SECONDS,
+            op, ticket.rid, ticket.user, ticket.share, limits.capacity, now, limits.lease,
+            limits.max_waiting, WAIT_LEASE_SECONDS, limits.user_cap, SCAN_LIMIT,
+            _clamped(ticket.priority),
         ]  # fmt: skip
         try:
             raw = await asyncio.wait_for(
@@ -188,16 +240,14 @@ class RedisFairQueue:
             raise FairQueueUnavailable(f"{exc.__class__.__name__}: {exc}") from exc
         return _position(raw)
 
-    async def enqueue(
-        self, ticket: Ticket, capacity: int, now: float, lease: float, max_waiting: int
-    ) -> Position:
-        return await self._call("enqueue", ticket, capacity, now, lease, max_waiting)
+    async def enqueue(self, ticket: Ticket, limits: PoolLimits, now: float) -> Position:
+        return await self._call("enqueue", ticket, limits, now)
 
-    async def poll(self, ticket: Ticket, capacity: int, now: float, lease: float) -> Position:
-        return await self._call("poll", ticket, capacity, now, lease)
+    async def poll(self, ticket: Ticket, limits: PoolLimits, now: float) -> Position:
+        return await self._call("poll", ticket, limits, now)
 
     async def leave(self, ticket: Ticket, now: float) -> None:
-        await self._call("leave", ticket, 0, now)
+        await self._call("leave", ticket, _LEAVING, now)
 
     async def close(self) -> None:
         await self.client.aclose()

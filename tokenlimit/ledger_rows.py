@@ -55,6 +55,7 @@ class UsageRow:
     client_disconnected: bool = False
     upstream_latency_ms: float | None = None
     time_to_first_token_ms: float | None = None
+    upstream: str = ""  # the server that answered (a model may have several)
 
 
 FIELDS = tuple(dataclasses.fields(UsageRow))
@@ -180,7 +181,7 @@ def _fit(
     status_code: Any, streamed: Any, started_at: Any, finished_at: Any, prompt_tokens: Any,
     completion_tokens: Any, cached_tokens: Any, estimated_prompt_tokens: Any,
     usage_source_: Any, error_type: Any, client_disconnected: Any, upstream_latency_ms: Any,
-    time_to_first_token_ms: Any, *, now: Callable[[], float],
+    time_to_first_token_ms: Any, upstream: Any, *, now: Callable[[], float],
 ) -> tuple[Any, ...]:  # fmt: skip
     # Parameters in LEDGER_COLUMNS order (the UsageRow fields); the tuple comes back the same.
     request_id = text(request_id, 64)
@@ -208,6 +209,7 @@ def _fit(
         bool(client_disconnected),
         milliseconds(upstream_latency_ms),
         milliseconds(time_to_first_token_ms),
+        text(upstream, 300),
     )
 
 

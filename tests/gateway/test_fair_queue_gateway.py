@@ -31,22 +31,32 @@ from tests.sglang_sim.test_gpu_engine import wait_until
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
-USERS = {"대기열-무거움": {}, "대기열-가벼움": {}, "대기열-급함": {"max_queue_seconds": 0.3}}
+USERS = {"대기열-무거움": {}, "대기열-가벼움": {}, "대기열-급함": {"max_queue_seconds": 0.3},
+         "대기열-우선": {"priority": 5}}  # fmt: skip
 
 
 class Site:
-    def __init__(self, url: str, sim: str, keys: dict[str, str], blocker: Any) -> None:
+    def __init__(
+        self, url: str, sim: str, keys: dict[str, str], blocker: Any, headroom_url: str
+    ) -> None:
         self.url, self.sim, self.keys, self.blocker = url, sim, keys, blocker
+        self.headroom_url = headroom_url
         self.redis = redis_lib.Redis.from_url(settings.REDIS_URL)
 
     def waiting(self) -> int:
-        return int(self.redis.zcard(f"{settings.LIMITER_REDIS_PREFIX}:fq:{{{MODEL}}}:wait"))
+        return int(self.redis.zcard(self.wait_key))
 
-    def client(self, user: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[user], max_retries=0)
+    @property
+    def wait_key(self) -> str:
+        return f"{settings.LIMITER_REDIS_PREFIX}:fq:{{{MODEL}}}:wait"
 
-    def ask(self, user: str, tokens: int) -> Any:
-        return self.client(user).chat.completions.with_raw_response.create(
+    def client(self, user: str, url: str = "") -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{url or self.url}/v1", api_key=self.keys[user], max_retries=0
+        )
+
+    def ask(self, user: str, tokens: int, url: str = "") -> Any:
+        return self.client(user, url).chat.completions.with_raw_response.create(
             model=MODEL, max_tokens=tokens, messages=[{"role": "user", "content": user}]
         )
 
@@ -72,8 +82,13 @@ def site(django_db_setup: None, django_db_blocker: Any) -> Iterator[Site]:
                     name, plan, requests_per_minute=0, cooldown_minutes=0, max_parallel_requests=0
                 )
             database_url = database_url_for_subprocess()
-        url = serve_gateway(stack, database_url, SGLANG_URL=sim)
-        yield Site(url, sim, keys, django_db_blocker)
+        # The order tests need one user to fill the pool: no headroom. A second gateway, on
+        # the same shared pool, keeps half of it from any one user.
+        url = serve_gateway(stack, database_url, SGLANG_URL=sim, GATEWAY_QUEUE_HEADROOM="0")
+        headroom_url = serve_gateway(
+            stack, database_url, SGLANG_URL=sim, GATEWAY_QUEUE_HEADROOM="0.5"
+        )
+        yield Site(url, sim, keys, django_db_blocker, headroom_url)
     with django_db_blocker.unblock():
         ServedModel.objects.filter(name=MODEL).delete()
         User.objects.filter(username__in=list(USERS)).delete()
@@ -114,6 +129,37 @@ def test_a_light_request_overtakes_the_heavy_backlog(site: Site) -> None:
     # First come, first served would put it after all six; the fair queue after one of them.
     assert heavy_done_before <= 2, finished
     assert site.waiting() == 0
+
+
+def test_headroom_lets_another_user_start_at_once(site: Site) -> None:
+    """Two places, one a user: the heavy user's three requests take one and wait for it; the
+    light user's request takes the other at once and ends before any of them is served."""
+    threads = [
+        threading.Thread(target=site.ask, args=("대기열-무거움", 150, site.headroom_url))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    wait_until("the heavy user's two queued", lambda: site.waiting() == 2)
+    answer = site.ask("대기열-가벼움", 5, site.headroom_url)
+    assert answer.parse().usage.completion_tokens == 5
+    assert site.waiting() == 2  # without the cap: both heavy places, and the light one waits
+    for thread in threads:
+        thread.join(timeout=60)
+    assert site.waiting() == 0
+
+
+def test_a_plans_priority_orders_the_queue(site: Site) -> None:
+    """The plan's priority is the waiting entry's rank before any tag: it goes before the heavy
+    user's backlog although its request is as large."""
+    threads = saturate(site, 3, 150)
+    urgent = threading.Thread(target=site.ask, args=("대기열-우선", 150))
+    urgent.start()
+    wait_until("the urgent request queued", lambda: site.waiting() == 2)
+    first = site.redis.zrange(site.wait_key, 0, 0, withscores=True)
+    assert first[0][1] == -5.0  # higher priority first: scored by its negation
+    for thread in [*threads, urgent]:
+        thread.join(timeout=60)
 
 
 def test_a_plans_wait_bound_gives_an_honest_429(site: Site) -> None:
@@ -185,3 +231,61 @@ def test_without_redis_the_queue_lets_requests_through() -> None:
     place = asyncio.run(acquire())
     assert place.ticket is None  # let through, nothing held
     assert time.monotonic() - started < 5
+
+
+def test_the_queue_follows_the_servers_priority_order(settings: Any) -> None:
+    from gateway.scheduling import queue_priority
+
+    assert (queue_priority(5), queue_priority(None)) == (5, 0)
+    settings.GATEWAY_QUEUE_LOW_PRIORITY_VALUES_FIRST = True
+    assert (queue_priority(5), queue_priority(-2)) == (-5, 2)
+
+
+@pytest.mark.parametrize(
+    ("capacity", "headroom", "user_cap"),
+    [(64, 0.125, 56), (64, 0.0625, 60), (8, 0.125, 7), (2, 0.125, 1), (1, 0.5, 1), (64, 0, 64)],
+)
+def test_headroom_leaves_places_to_others(
+    settings: Any, capacity: int, headroom: float, user_cap: int
+) -> None:
+    from gateway.scheduling import pool_limits
+
+    settings.GATEWAY_QUEUE_HEADROOM = headroom
+    limits = pool_limits(capacity, 300.0)
+    assert (limits.capacity, limits.user_cap, limits.lease) == (capacity, user_cap, 360.0)
+
+
+def test_a_capped_request_is_not_judged_by_the_queues_pace(settings: Any) -> None:
+    """A user at its cap waits for its own places: a slow drain rate seen earlier must not
+    refuse it at once, and its place comes when its own first one frees."""
+    from gateway.caches import ModelInfo
+    from gateway.scheduling import Scheduler
+    from quotas.request_policy import RequestAccess
+    from quotas.services import KeyGrant
+    from tokenlimit.fair_queue import MemoryFairQueue
+    from tokenlimit.limiter import Limits
+
+    settings.GATEWAY_QUEUE_HEADROOM = 0.5  # 2 places, 1 a user
+    scheduler = Scheduler(MemoryFairQueue())
+    model = ModelInfo(MODEL, (), "http://up", "", 32768, None, 300.0, max_concurrent_requests=2)
+    grant = KeyGrant(1, 1, "u", Limits(0, 0, 0, 0, 0, 0), None, None, False, RequestAccess())
+
+    async def never_disconnects() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {}
+
+    async def run() -> None:
+        first = await scheduler.acquire(model, grant, "first", 10, never_disconnects)
+        # A pace that would make any queued request wait for 1,000 s, past its 30 s bound.
+        scheduler.drain_rates[MODEL] = (0.001, time.monotonic())
+        second = asyncio.ensure_future(
+            scheduler.acquire(model, grant, "second", 10, never_disconnects)
+        )
+        await asyncio.sleep(0.1)
+        assert not second.done()  # waiting, not refused
+        await first.release()
+        place = await asyncio.wait_for(second, 5)
+        assert place.ticket is not None and place.ticket.rid == "second"
+        await place.release()
+
+    asyncio.run(run())

@@ -98,6 +98,9 @@ def test_a_change_records_old_and_new_once(operator: User) -> None:
         ({"request_timeout_seconds": 0}, "request_timeout_seconds"),
         ({"request_timeout_seconds": float("inf")}, "request_timeout_seconds"),
         ({"tokenizer": "x" * 501}, "tokenizer"),
+        ({"more_upstream_urls": ["ftp://sglang-2"]}, "more_upstream_urls"),
+        ({"more_upstream_urls": "http://sglang-2:8000"}, "more_upstream_urls"),
+        ({"more_upstream_urls": [f"http://s{n}:8000" for n in range(33)]}, "more_upstream_urls"),
         ({"name": ""}, "name"),
         ({"name": "other"}, "name"),  # taken
     ],
@@ -121,6 +124,15 @@ def test_bad_values_are_refused_by_field_and_write_nothing(
         ("qwen", ""),
     ]
     assert not AuditEvent.objects.exists()
+
+
+def test_more_upstream_urls_are_normalised_once_each(operator: User) -> None:
+    model, _ = save_served_model(
+        actor=operator, model=None, name="qwen", upstream_url="http://a:8000",
+        more_upstream_urls=["http://b:8000/v1/", " http://b:8000 ", "http://c:8000/"],
+    )  # fmt: skip
+    model.refresh_from_db()
+    assert model.more_upstream_urls == ["http://b:8000", "http://c:8000"]
 
 
 def test_unknown_fields_are_refused(operator: User) -> None:

@@ -68,13 +68,19 @@ def test_a_learnt_kind_expires() -> None:
 
 
 class _Model:
-    def __init__(self, url: str, kind: str) -> None:
-        self.upstream_url, self.upstream_kind = url, kind
+    def __init__(self, url: str, kind: str, *more: str) -> None:
+        self.upstream_url, self.upstream_kind, self.more = url, kind, more
+
+    def servers(self) -> tuple[str, ...]:
+        return (self.upstream_url, *self.more)
 
 
 def test_models_sharing_an_upstream_take_the_kind_one_of_them_sets() -> None:
     models = [_Model("http://a", "auto"), _Model("http://a", "vllm"), _Model("http://b", "auto")]
     assert upstream_kinds.upstreams(models) == {"http://a": "vllm", "http://b": "auto"}
+    # Every server of a model with several, each with the model's kind.
+    several = [_Model("http://a", "sglang", "http://c"), _Model("http://c", "auto")]
+    assert upstream_kinds.upstreams(several) == {"http://a": "sglang", "http://c": "sglang"}
 
 
 def test_the_liveness_probe_is_what_the_kind_has() -> None:

@@ -92,8 +92,11 @@ def test_values_are_fitted_to_their_columns() -> None:
     assert row["upstream_latency_ms"] == 0.0 and row["time_to_first_token_ms"] is None
     named = {"v": 1, "request_id": "n", "user_id": 1, "api_key_id": None, "model": "m",
              "endpoint": "e", "status_code": 200, "streamed": False, "started_at": 1.0,
-             "finished_at": 2.0, "error_type": "a\x00b\ud800"}  # fmt: skip
-    assert by_name(clean_row(named, time.time))["error_type"] == "ab?"
+             "finished_at": 2.0, "error_type": "a\x00b\ud800",
+             "upstream": "http://" + "u" * 400}  # fmt: skip
+    fitted = by_name(clean_row(named, time.time))
+    assert fitted["error_type"] == "ab?" and len(fitted["upstream"]) == 300
+    assert row["upstream"] == ""  # a legacy row names no server
 
 
 def test_rows_of_other_schema_versions_are_read_by_name_never_shifted() -> None:

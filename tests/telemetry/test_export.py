@@ -119,6 +119,7 @@ def test_hour_export_and_one_user(ledger: list[UsageRecord], tmp_path: Path) -> 
 
 
 def test_raw_export(ledger: list[UsageRecord], tmp_path: Path) -> None:
+    UsageRecord.objects.filter(pk=ledger[5].pk).update(upstream="http://sglang-2:8000")
     raw, rows, err = export(tmp_path, *DAY_ARGS, "--period", "raw")
     assert raw.startswith(BOM.encode())
     assert tuple(rows[0]) == RAW_HEADER
@@ -142,6 +143,7 @@ def test_raw_export(ledger: list[UsageRecord], tmp_path: Path) -> None:
         "tokens",
     )
     assert limited["time_to_first_token_ms"] == ""
+    assert (lee["upstream"], limited["upstream"]) == ("http://sglang-2:8000", "")
     assert "7 rows written" in err
 
 

@@ -5,6 +5,7 @@ gateways, the queue cap. Time is injected."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from tokenlimit.fair_queue import (
     WAIT_LEASE_SECONDS,
     FairQueueUnavailable,
     MemoryFairQueue,
+    PoolLimits,
     RedisFairQueue,
     Ticket,
 )
@@ -38,23 +40,27 @@ def queue(request: pytest.FixtureRequest) -> Iterator[Any]:
 class Pool:
     """One pool of `capacity` places, driven step by step on one event loop."""
 
-    def __init__(self, queue: Any, capacity: int) -> None:
+    def __init__(self, queue: Any, capacity: int, user_cap: int | None = None) -> None:
         self.queue, self.capacity = queue, capacity
+        self.user_cap = capacity if user_cap is None else user_cap
         self.name = f"pool-{uuid.uuid4().hex[:6]}"
         # One loop for the pool's life: a Redis client's connections belong to the loop that
         # opened them.
         self.loop = asyncio.new_event_loop()
 
-    def ticket(self, user: str, cost: float, weight: float = 1.0) -> Ticket:
-        return Ticket(self.name, uuid.uuid4().hex, user, cost / weight)
+    def ticket(self, user: str, cost: float, weight: float = 1.0, priority: int = 0) -> Ticket:
+        return Ticket(self.name, uuid.uuid4().hex, user, cost / weight, priority)
+
+    def limits(self, max_waiting: int = 100) -> PoolLimits:
+        return PoolLimits(self.capacity, self.user_cap, LEASE, max_waiting)
 
     def enqueue(self, ticket: Ticket, now: float = NOW, max_waiting: int = 100) -> Any:
         return self.loop.run_until_complete(
-            self.queue.enqueue(ticket, self.capacity, now, LEASE, max_waiting)
+            self.queue.enqueue(ticket, self.limits(max_waiting), now)
         )
 
     def poll(self, ticket: Ticket, now: float = NOW) -> Any:
-        return self.loop.run_until_complete(self.queue.poll(ticket, self.capacity, now, LEASE))
+        return self.loop.run_until_complete(self.queue.poll(ticket, self.limits(), now))
 
     def leave(self, ticket: Ticket, now: float = NOW) -> None:
         self.loop.run_until_complete(self.queue.leave(ticket, now))
@@ -167,6 +173,76 @@ def test_a_dead_waiter_stops_holding_back_the_queue(settings: Any) -> None:
     pool.loop.run_until_complete(queue.close())
 
 
+def test_a_higher_priority_goes_before_any_tag(queue: Any) -> None:
+    """Priority first (higher first, clamped), then tags: an expensive urgent request overtakes
+    cheap ones of a lower priority; equal priorities keep the fair order."""
+    pool = Pool(queue, 1)
+    holder = pool.ticket("x", 1)
+    assert pool.enqueue(holder).granted
+    cheap = [pool.ticket(f"c{n}", 1) for n in range(3)]
+    for ticket in cheap:
+        pool.enqueue(ticket)
+    urgent = pool.ticket("u", 10_000, priority=5)
+    assert pool.enqueue(urgent).ahead == 0
+    urgent_too = pool.ticket("v", 10, priority=10**12)  # clamped, still the highest
+    assert pool.enqueue(urgent_too).ahead == 0
+    low = pool.ticket("l", 1, priority=-3)
+    assert pool.enqueue(low).ahead == 5
+    order = []
+    waiting = [*cheap, urgent, urgent_too, low]
+    pool.leave(holder)
+    while waiting:
+        order.append(pool.next_granted(waiting))
+        pool.leave(order[-1])
+    assert order == [urgent_too, urgent, *cheap, low]
+
+
+def test_no_user_takes_more_than_its_cap(queue: Any) -> None:
+    """4 places, 3 a user: the full user's next request waits though a place is free, and
+    another user's request takes that place at once."""
+    pool = Pool(queue, 4, user_cap=3)
+    for _ in range(3):
+        assert pool.enqueue(pool.ticket("heavy", 1000)).granted
+    more = pool.ticket("heavy", 1000)
+    assert pool.enqueue(more).capped
+    assert pool.poll(more).capped
+    light = pool.ticket("light", 10)
+    assert pool.enqueue(light).granted
+    pool.leave(light)
+    assert not pool.poll(more).granted  # a free place, but heavy still holds its 3
+
+
+def test_a_capped_user_at_the_head_holds_nobody_back(queue: Any) -> None:
+    """The capped user's waiters have the lowest tags; the place goes past them to the next
+    user in order, and back to them when their user holds fewer."""
+    pool = Pool(queue, 3, user_cap=2)
+    first, second = pool.ticket("heavy", 1), pool.ticket("heavy", 1)
+    assert pool.enqueue(first).granted and pool.enqueue(second).granted
+    heavy_waiting = [pool.ticket("heavy", 1) for _ in range(3)]
+    for ticket in heavy_waiting:
+        assert not pool.enqueue(ticket).granted
+    light, other = pool.ticket("light", 500), pool.ticket("other", 500)
+    light_position = pool.enqueue(light)
+    assert light_position.granted  # 3 ahead, all capped: the free place is light's
+    position = pool.enqueue(other)
+    # The pool is full; of the 3 ahead none goes first while heavy holds its cap.
+    assert not position.granted and not position.capped and position.ahead == 0
+    pool.leave(first)  # heavy holds 1: its first waiter is next, before "other"
+    assert pool.next_granted([*heavy_waiting, other]) is heavy_waiting[0]
+    pool.leave(light)
+    assert pool.next_granted([*heavy_waiting[1:], other]) is other
+
+
+def test_a_lapsed_place_counts_no_more_for_its_user(queue: Any) -> None:
+    """A place whose lease ran out (its gateway died) no longer counts against its user."""
+    pool = Pool(queue, 3, user_cap=1)
+    assert pool.enqueue(pool.ticket("a", 1)).granted
+    waiting = pool.ticket("a", 1)
+    assert not pool.enqueue(waiting, NOW + LEASE - 2).granted
+    assert not pool.poll(waiting, NOW + LEASE - 1).granted
+    assert pool.poll(waiting, NOW + LEASE + 1).granted
+
+
 def test_redis_down_is_reported_as_unavailable() -> None:
     from tests.procs import free_port
 
@@ -179,11 +255,15 @@ def test_redis_down_is_reported_as_unavailable() -> None:
 
 @pytest.mark.redis
 def test_two_gateways_never_give_more_places_than_the_capacity(settings: Any) -> None:
-    """Two gateways (each its own loop and connections), 40 requests, 3 places: never more than
-    3 held at once, every request served, on a loaded machine."""
+    """Two gateways (each its own loop and connections), 40 requests (28 of one user), 3
+    places, 2 a user: never more than 3 held at once nor 2 by one user, every request served,
+    both bounds reached, on a loaded machine."""
     prefix = f"fq-test-{uuid.uuid4().hex[:8]}"
     pool_name = f"pool-{uuid.uuid4().hex[:6]}"
+    limits = PoolLimits(capacity=3, user_cap=2, lease=LEASE, max_waiting=1000)
     held, peak, served = [0], [0], [0]
+    by_user: collections.Counter[str] = collections.Counter()
+    user_peak: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
     errors: list[BaseException] = []
 
@@ -194,16 +274,19 @@ def test_two_gateways_never_give_more_places_than_the_capacity(settings: Any) ->
             async def one(user: str) -> None:
                 ticket = Ticket(pool_name, uuid.uuid4().hex, user, 10.0)
                 loop = asyncio.get_running_loop()
-                position = await queue.enqueue(ticket, 3, loop.time(), LEASE, 1000)
+                position = await queue.enqueue(ticket, limits, loop.time())
                 while not position.granted:
                     await asyncio.sleep(0.005)
-                    position = await queue.poll(ticket, 3, loop.time(), LEASE)
+                    position = await queue.poll(ticket, limits, loop.time())
                 with lock:
                     held[0] += 1
                     peak[0] = max(peak[0], held[0])
+                    by_user[user] += 1
+                    user_peak[user] = max(user_peak[user], by_user[user])
                 await asyncio.sleep(0.01)
                 with lock:
                     held[0] -= 1
+                    by_user[user] -= 1
                     served[0] += 1
                 await queue.leave(ticket, loop.time())
 
@@ -219,7 +302,7 @@ def test_two_gateways_never_give_more_places_than_the_capacity(settings: Any) ->
 
     with busy_cores():
         threads = [
-            threading.Thread(target=gateway, args=([f"u{i % 4}" for i in range(20)],))
+            threading.Thread(target=gateway, args=(["u0"] * 14 + ["u1", "u2"] * 3,))
             for _ in range(2)
         ]
         for thread in threads:
@@ -229,3 +312,4 @@ def test_two_gateways_never_give_more_places_than_the_capacity(settings: Any) ->
     assert not errors, errors
     assert served[0] == 40
     assert peak[0] == 3
+    assert user_peak["u0"] == 2
