@@ -41,6 +41,15 @@ class ServedModelForm(forms.ModelForm):
     aliases = LinesField(
         label=_("aliases"), help_text=_("Other names clients may use, one per line.")
     )
+    more_upstream_urls = LinesField(
+        label=_("more upstream URLs"),
+        help_text=_(
+            "Other servers running the same model, one address per line, e.g. "
+            "http://sglang-2:8000. Requests go to the least loaded, a user's requests to the "
+            "same server while it is not much busier (its prefix cache stays warm); a server "
+            "that refuses connections or fails its load readings is left out until it recovers."
+        ),
+    )
     lora_adapters = LinesField(
         label=_("LoRA adapters"),
         help_text=_(

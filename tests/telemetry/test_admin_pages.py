@@ -236,11 +236,15 @@ def test_a_users_own_list_blank_means_the_plans() -> None:
     assert own.is_valid() and own.cleaned_data["allowed_models"] == ["m", "n"]
 
 
-def test_served_model_aliases_and_adapters_round_trip(admin_client: Client) -> None:
-    model = ServedModel.objects.create(name="base", aliases=["a1", "a2"], lora_adapters=["law"])
+def test_served_model_aliases_adapters_and_servers_round_trip(admin_client: Client) -> None:
+    model = ServedModel.objects.create(
+        name="base", aliases=["a1", "a2"], lora_adapters=["law"],
+        more_upstream_urls=["http://s2:8000"],
+    )  # fmt: skip
     url = reverse("admin:gateway_servedmodel_change", args=[model.pk])
     page = admin_client.get(url).content.decode()
     assert "a1\na2</textarea>" in page and "law</textarea>" in page
+    assert "http://s2:8000</textarea>" in page
     form = admin_client.get(url).context["adminform"].form
     # `is not`: a value of 0 (the prompt token offset) must be posted; 0 == False.
     data = {
@@ -248,7 +252,8 @@ def test_served_model_aliases_and_adapters_round_trip(admin_client: Client) -> N
         for n in form.fields
         if form[n].value() is not None and form[n].value() is not False
     }
-    data.update({"aliases": "a1\n\na3\n", "lora_adapters": "law\nmed\n", "korean_factor": ""})
+    data.update({"aliases": "a1\n\na3\n", "lora_adapters": "law\nmed\n", "korean_factor": "",
+                 "more_upstream_urls": "http://s2:8000/v1/\n\nhttp://s3:8000\n"})  # fmt: skip
     # The self-check history inline (read-only) still posts its management form.
     data.update({"tokenizer_checks-TOTAL_FORMS": "0", "tokenizer_checks-INITIAL_FORMS": "0"})
 
@@ -257,6 +262,7 @@ def test_served_model_aliases_and_adapters_round_trip(admin_client: Client) -> N
     assert response.status_code == 302, response.content.decode()[:2000]
     model.refresh_from_db()
     assert model.aliases == ["a1", "a3"] and model.lora_adapters == ["law", "med"]
+    assert model.more_upstream_urls == ["http://s2:8000", "http://s3:8000"]
 
 
 # --- The index and Korean -----------------------------------------------------------------------
