@@ -5,9 +5,7 @@ many places, counted across every gateway (tokenlimit/fair_queue.py: in Redis wh
 set, else in this process). A request admitted by the limits takes a place and gives it back
 when its answer ends; when none is free it waits, in weighted fair order (its reserved tokens
 over its plan's `fair_share_weight`; a plan's `priority` first, as SGLang orders its own queue),
-at most its plan's `max_queue_seconds`. One user holds at
-most the pool less GATEWAY_QUEUE_HEADROOM of it (an eighth by default, at least one place): a
-user who keeps the server full still leaves places for another user's request to start at once.
+at most its plan's `max_queue_seconds`:
 
 - still waiting then: 429 with a Retry-After from the rate at which the queue ahead of it
   drained while it waited (`x-should-retry: true`);
@@ -16,6 +14,12 @@ user who keeps the server full still leaves places for another user's request to
 - the client leaves while waiting: the entry is removed at once (and the limiter's reservation
   returned by the caller);
 - Redis does not answer: the request goes through unordered (fail open; logged once a minute).
+
+One user holds at most the pool less GATEWAY_QUEUE_HEADROOM of it (an eighth by default, at
+least one place): a user who keeps the server full still leaves places for another user's
+request to start at once. A request with a place then takes one of its user's prefill slots
+(gateway/prefill_gate.py): a burst of one user's long prompts does not hold up others' first
+tokens.
 
 Models without places (0, the default) pay nothing: no queue call at all.
 """

@@ -1,14 +1,12 @@
 """The gateway's fair queue end to end: a model with two places upstream (the simulator's
 GPU-like engine, two running at most), gateways sharing the queue through Redis. A light
-user's request overtakes a heavy user's backlog; a plan's wait bound gives an honest 429; a
-client that leaves while waiting leaves the queue; without Redis the queue lets requests
-through."""
+user's request overtakes a heavy user's backlog; headroom lets another user start at once; a
+plan's priority orders the queue; a plan's wait bound gives an honest 429; a client that
+leaves while waiting leaves the queue. (The scheduler in one process: test_scheduling.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -25,7 +23,7 @@ from tests.gateway.conftest import (
     make_user,
     serve_gateway,
 )
-from tests.procs import free_port, simulator
+from tests.procs import simulator
 from tests.sglang_sim.test_gpu_engine import wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
@@ -201,91 +199,3 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue(site: Site) -> None
     wait_until("the client's 499 in the ledger", closed_row)
     for thread in threads:
         thread.join(timeout=60)
-
-
-def test_without_redis_the_queue_lets_requests_through() -> None:
-    from gateway.caches import ModelInfo
-    from gateway.scheduling import Scheduler
-    from quotas.request_policy import RequestAccess
-    from quotas.services import KeyGrant
-    from tokenlimit.fair_queue import RedisFairQueue
-    from tokenlimit.limiter import Limits
-
-    queue = RedisFairQueue(f"redis://127.0.0.1:{free_port()}/0", "down", timeout=0.3)
-    scheduler = Scheduler(queue)
-    model = ModelInfo(MODEL, (), "http://up", "", 32768, None, 300.0, max_concurrent_requests=1)
-    limits = Limits(0, 0, 0, 0, 0, 0)
-    grant = KeyGrant(1, 1, "u", limits, None, None, False, RequestAccess())
-
-    async def never_disconnects() -> dict[str, Any]:
-        await asyncio.sleep(3600)
-        return {}
-
-    async def acquire() -> Any:
-        try:
-            return await scheduler.acquire(model, grant, "rid", 10, never_disconnects)
-        finally:
-            await scheduler.close()
-
-    started = time.monotonic()
-    place = asyncio.run(acquire())
-    assert place.ticket is None  # let through, nothing held
-    assert time.monotonic() - started < 5
-
-
-def test_the_queue_follows_the_servers_priority_order(settings: Any) -> None:
-    from gateway.scheduling import queue_priority
-
-    assert (queue_priority(5), queue_priority(None)) == (5, 0)
-    settings.GATEWAY_QUEUE_LOW_PRIORITY_VALUES_FIRST = True
-    assert (queue_priority(5), queue_priority(-2)) == (-5, 2)
-
-
-@pytest.mark.parametrize(
-    ("capacity", "headroom", "user_cap"),
-    [(64, 0.125, 56), (64, 0.0625, 60), (8, 0.125, 7), (2, 0.125, 1), (1, 0.5, 1), (64, 0, 64)],
-)
-def test_headroom_leaves_places_to_others(
-    settings: Any, capacity: int, headroom: float, user_cap: int
-) -> None:
-    from gateway.scheduling import pool_limits
-
-    settings.GATEWAY_QUEUE_HEADROOM = headroom
-    limits = pool_limits(capacity, 300.0)
-    assert (limits.capacity, limits.user_cap, limits.lease) == (capacity, user_cap, 360.0)
-
-
-def test_a_capped_request_is_not_judged_by_the_queues_pace(settings: Any) -> None:
-    """A user at its cap waits for its own places: a slow drain rate seen earlier must not
-    refuse it at once, and its place comes when its own first one frees."""
-    from gateway.caches import ModelInfo
-    from gateway.scheduling import Scheduler
-    from quotas.request_policy import RequestAccess
-    from quotas.services import KeyGrant
-    from tokenlimit.fair_queue import MemoryFairQueue
-    from tokenlimit.limiter import Limits
-
-    settings.GATEWAY_QUEUE_HEADROOM = 0.5  # 2 places, 1 a user
-    scheduler = Scheduler(MemoryFairQueue())
-    model = ModelInfo(MODEL, (), "http://up", "", 32768, None, 300.0, max_concurrent_requests=2)
-    grant = KeyGrant(1, 1, "u", Limits(0, 0, 0, 0, 0, 0), None, None, False, RequestAccess())
-
-    async def never_disconnects() -> dict[str, Any]:
-        await asyncio.sleep(3600)
-        return {}
-
-    async def run() -> None:
-        first = await scheduler.acquire(model, grant, "first", 10, never_disconnects)
-        # A pace that would make any queued request wait for 1,000 s, past its 30 s bound.
-        scheduler.drain_rates[MODEL] = (0.001, time.monotonic())
-        second = asyncio.ensure_future(
-            scheduler.acquire(model, grant, "second", 10, never_disconnects)
-        )
-        await asyncio.sleep(0.1)
-        assert not second.done()  # waiting, not refused
-        await first.release()
-        place = await asyncio.wait_for(second, 5)
-        assert place.ticket is not None and place.ticket.rid == "second"
-        await place.release()
-
-    asyncio.run(run())

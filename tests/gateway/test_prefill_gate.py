@@ -13,13 +13,11 @@ import pytest
 from gateway import prefill_gate
 from gateway.asgi_io import ClientDisconnected
 from gateway.prefill_gate import PrefillGate
+from gateway.scheduling import Scheduler, Shape
+from tests.gateway.test_scheduling import MODEL, grant, model, stays
+from tokenlimit.fair_queue import MemoryFairQueue
 
 KEY = ("model", "user")
-
-
-async def stays(_: float = 3600) -> dict[str, Any]:
-    await asyncio.sleep(3600)
-    return {}
 
 
 def test_slots_are_handed_on_in_order() -> None:
@@ -84,28 +82,21 @@ def test_a_client_that_leaves_while_waiting_leaves_the_gate() -> None:
 def test_the_schedulers_place_holds_a_slot_until_the_first_token(
     settings: Any, streamed: bool
 ) -> None:
-    from gateway.caches import ModelInfo
-    from gateway.scheduling import Scheduler, Shape
-    from quotas.request_policy import RequestAccess
-    from quotas.services import KeyGrant
-    from tokenlimit.fair_queue import MemoryFairQueue
-    from tokenlimit.limiter import Limits
-
     settings.GATEWAY_QUEUE_PREFILLS_PER_USER = 1
     scheduler = Scheduler(MemoryFairQueue())
-    model = ModelInfo("m", (), "http://up", "", 32768, None, 300.0, max_concurrent_requests=8)
-    grant = KeyGrant(1, 1, "u", Limits(0, 0, 0, 0, 0, 0), None, None, False, RequestAccess())
     shape = Shape(streamed, prompt_tokens=2000)  # non-streamed: 0.2 s of estimated prefill
 
     async def run() -> None:
-        first = await scheduler.acquire(model, grant, "first", 10, stays, shape)
-        second = asyncio.ensure_future(scheduler.acquire(model, grant, "second", 10, stays, shape))
+        first = await scheduler.acquire(model(8), grant(1), "first", 10, stays, shape)
+        second = asyncio.ensure_future(
+            scheduler.acquire(model(8), grant(1), "second", 10, stays, shape)
+        )
         await asyncio.sleep(0.05)
         assert not second.done()  # a place is free; the user's prefill slot is not
         if streamed:
             first.prefilled()  # the first token arrived
         place = await asyncio.wait_for(second, 2)
-        assert place.prefilling == ("m", "1")
+        assert place.prefilling == (MODEL, "1")
         for held in (first, place):
             await held.release()
         assert scheduler.gate._slots == {}
