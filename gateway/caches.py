@@ -234,10 +234,19 @@ def fit_pairs(fit: Any) -> tuple[tuple[str, float], ...]:
     return tuple(sorted((str(k), float(v)) for k, v in fit.items() if isinstance(v, int | float)))
 
 
-def _load_models() -> list[dict[str, Any]]:
+def _load_models(active_only: bool = True) -> list[dict[str, Any]]:
     from gateway.models import ServedModel
 
-    return list(ServedModel.objects.filter(is_active=True).values(*MODEL_FIELDS))
+    models = ServedModel.objects.all()
+    if active_only:
+        models = models.filter(is_active=True)
+    return list(models.values(*MODEL_FIELDS))
+
+
+def stored_models(default_upstream: str, *, active_only: bool = True) -> list[ModelInfo]:
+    """The served models as the gateway uses them, read now (checks and telemetry; the
+    gateway itself reads them through ModelCatalog)."""
+    return [model_info(row, default_upstream) for row in _load_models(active_only)]
 
 
 MODEL_FIELDS = (

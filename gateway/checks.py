@@ -19,6 +19,7 @@ from django.utils.translation import gettext
 
 from accounts.checks import database_ready
 from gateway import upstream_kinds
+from gateway.caches import stored_models
 from gateway.models import ServedModel, TokenizerCheck, normalize_upstream_url
 
 PROBE_TIMEOUT = 3.0
@@ -30,12 +31,8 @@ def check_upstreams_reachable(
 ) -> list[CheckMessage]:
     targets = {normalize_upstream_url(settings.SGLANG_URL): upstream_kinds.AUTO}
     if database_ready(databases):
-        rows = ServedModel.objects.values("upstream_url", "upstream_kind", "more_upstream_urls")
-        for row in rows:
-            more = row["more_upstream_urls"] if isinstance(row["more_upstream_urls"], list) else []
-            for url in (row["upstream_url"], *more):
-                if url:
-                    targets[normalize_upstream_url(str(url))] = row["upstream_kind"]
+        models = stored_models(settings.SGLANG_URL, active_only=False)
+        targets.update(upstream_kinds.upstreams(models))
     found: list[CheckMessage] = []
     for url, kind in sorted(targets.items()):
         problem = _probe(url, kind)

@@ -46,6 +46,7 @@ from django.conf import settings
 
 from gateway import metrics
 from gateway.caches import ModelInfo
+from gateway.upstream_kinds import load_ranks
 
 log = logging.getLogger(__name__)
 
@@ -192,18 +193,15 @@ class Router:
 
 
 def reported_load(body: object) -> int | None:
-    """SGLang's `/get_load`: a list with one `{num_reqs, num_waiting_reqs, …}` per data-parallel
-    rank (older releases: one object). Requests running and queued, all ranks."""
-    ranks = body if isinstance(body, list) else [body]
-    total = 0
-    for rank in ranks:
-        if not isinstance(rank, dict):
-            return None
+    """Requests running and queued on every rank (upstream_kinds.load_ranks: SGLang's
+    `num_reqs`); None when the answer has no valid count."""
+    counts: list[int] = []
+    for rank in load_ranks(body):
         value = rank.get("num_reqs")
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return None
-        total += value
-    return min(total, 1_000_000)
+        counts.append(value)
+    return min(sum(counts), 1_000_000) if counts else None
 
 
 SYSTEM_PROMPT_CHARS = 4096  # prompts alike this far share a server (bounded work a request)

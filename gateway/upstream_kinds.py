@@ -100,6 +100,16 @@ class DetectedKinds:
         self._kinds[url] = (kind, time.monotonic() + self._ttl)
 
 
+def load_ranks(load: Any) -> list[dict[str, Any]]:
+    """SGLang's load, one object per data-parallel rank: /get_load answers a list, /v1/loads
+    `{"loads": [...]}`, older releases a single object. Anything else: no ranks."""
+    if isinstance(load, dict):
+        load = load.get("loads", [load])
+    if not isinstance(load, list):
+        return []
+    return [rank for rank in load if isinstance(rank, dict)]
+
+
 def upstreams(models: Any) -> dict[str, str]:
     """Each distinct upstream URL of `models` (objects with upstream_kind and `servers()`, every
     server of the model) with its configured kind; when models on one URL disagree, a set kind

@@ -207,15 +207,10 @@ def pick_server_info(info: Any) -> dict[str, Scalar]:
 
 
 def pick_load(load: Any) -> list[dict[str, Scalar]]:
-    """Per-rank load: /get_load answers a list, /v1/loads `{"loads": [...]}`; scalars only."""
-    if isinstance(load, dict):
-        load = load.get("loads", [load])
-    if not isinstance(load, list):
-        return []
+    """Per-rank load (gateway/upstream_kinds.load_ranks), scalars only."""
     return [
         {key: value for key, value in rank.items() if _is_scalar(value)}
-        for rank in load
-        if isinstance(rank, dict)
+        for rank in upstream_kinds.load_ranks(load)
     ]
 
 
@@ -368,12 +363,10 @@ def upstream_urls() -> list[str]:
 def upstream_targets() -> dict[str, str]:
     """{upstream URL: configured kind} of the active served models; SGLANG_URL ("auto") when
     there are none."""
-    from gateway.caches import MODEL_FIELDS, model_info
-    from gateway.models import ServedModel
+    from gateway.caches import stored_models
 
     default = settings.SGLANG_URL.rstrip("/")
-    rows = ServedModel.objects.filter(is_active=True).values(*MODEL_FIELDS)
-    models = [model_info(row, default) for row in rows]
+    models = stored_models(default)
     return upstream_kinds.upstreams(models) or {default: upstream_kinds.AUTO}
 
 

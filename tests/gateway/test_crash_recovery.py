@@ -29,20 +29,10 @@ import redis
 from gateway.ledger import LedgerWriter, RequestFacts
 from quotas.models import UsageRecord
 from tests.gateway.conftest import FAST_MODEL, database_url_for_subprocess, gateway_args, make_user
-from tests.procs import free_port, ledger_worker, running, simulator
+from tests.procs import free_port, ledger_worker, running, simulator, wait_until
 from tokenlimit.ledger_rows import INTERRUPTED
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def wait_until(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {timeout}s")
 
 
 @pytest.fixture
@@ -156,9 +146,10 @@ def test_a_running_gateway_adopts_a_neighbour_that_died(settings: Any, tmp_path:
             (tmp_path / f"{owner}.lock").write_text("")  # its writer is gone: nobody holds it
             found = await asyncio.to_thread(
                 wait_until,
+                "the neighbour's open request closed",
                 lambda: UsageRecord.objects.filter(request_id="neighbour").first(),
                 10,
-                "the neighbour's open request closed",
+                0.05,
             )
             assert found.error_type == INTERRUPTED and found.prompt_tokens == 9
         finally:
@@ -266,12 +257,13 @@ def test_gateway_killed_during_streams_bills_them_and_frees_the_slots(
         restarted = time.monotonic()
         with running(gateway_args(port), f"{url}/health", env):
             # ...or until the next gateway adopts the spool, at its start.
-            wait_until(lambda: slots.zcard(parallel_key) == 0, 10, "slots released")
+            wait_until("slots released", lambda: slots.zcard(parallel_key) == 0, 10, every=0.05)
             released_after = time.monotonic() - restarted
             rows = wait_until(
+                "8 ledger rows",
                 lambda: list(UsageRecord.objects.filter(user=user)) if
                 UsageRecord.objects.filter(user=user).count() == STREAMS else None,
-                15, "8 ledger rows",
+                15, every=0.05,
             )  # fmt: skip
             answer = httpx.post(
                 f"{url}/v1/chat/completions",

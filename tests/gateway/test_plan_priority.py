@@ -14,8 +14,8 @@ import pytest
 from openai import OpenAI
 
 from tests.gateway.conftest import database_url_for_subprocess, make_user, serve_gateway
-from tests.procs import simulator
-from tests.sglang_sim.test_gpu_engine import in_engine, wait_until
+from tests.procs import simulator, wait_until
+from tests.sglang_sim.test_gpu_engine import in_engine
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 

@@ -133,6 +133,7 @@ def test_load_readings_are_sglangs_per_rank_counts() -> None:
     assert reported_load([{"dp_rank": 0, "num_reqs": 3, "num_waiting_reqs": 1}]) == 3
     assert reported_load([{"num_reqs": 3}, {"num_reqs": 4}]) == 7
     assert reported_load({"num_reqs": 2}) == 2
+    assert reported_load({"loads": [{"num_reqs": 2}, {"num_reqs": 1}]}) == 3  # /v1/loads
     bad_bodies: list[object] = [
         [{"num_reqs": -1}], [{"num_reqs": "3"}], [{}], ["x"], None, [{"num_reqs": True}],
     ]  # fmt: skip

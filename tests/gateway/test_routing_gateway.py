@@ -24,8 +24,7 @@ from tests.gateway.conftest import (
     make_user,
     serve_gateway,
 )
-from tests.procs import simulator_process
-from tests.sglang_sim.test_gpu_engine import wait_until
+from tests.procs import simulator_process, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 

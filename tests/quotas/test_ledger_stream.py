@@ -23,7 +23,7 @@ from accounts.services import create_api_key, get_or_create_user
 from quotas import ledger_stream
 from quotas.models import UsageRecord
 from tests.gateway.conftest import database_url_for_subprocess
-from tests.procs import stop_group
+from tests.procs import stop_group, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -115,15 +115,6 @@ class Worker:
         self.log.close()
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(
     stream: redis_lib.Redis, settings: Any, redis_url: str, tmp_path: Path
@@ -144,15 +135,16 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(
 
     first = Worker(env, tmp_path / "worker1.log")
     try:
-        wait_for(lambda: written() > 0, 60, "the first rows")
+        wait_until("the first rows", lambda: written() > 0, 60, every=0.1)
     finally:
         first.kill()  # SIGKILL: no chance to finish or acknowledge its batch
     assert written() < len(rows), "the worker finished before it could be killed"
     second = Worker(env, tmp_path / "worker2.log")
     try:
-        wait_for(
-            lambda: written() == len(rows) and ledger_stream.backlog(stream) == 0, 90, "all rows"
-        )
+        wait_until(
+            "all rows",
+            lambda: written() == len(rows) and ledger_stream.backlog(stream) == 0, 90, every=0.1,
+        )  # fmt: skip
     finally:
         second.stop()
     assert written() == len(rows)
@@ -181,7 +173,9 @@ def test_events_wait_for_a_worker_whose_database_is_unreachable(
     assert ledger_stream.backlog(stream) == 500
     healthy = Worker({**env, "DATABASE_URL": database_url_for_subprocess()}, tmp_path / "w2.log")
     try:
-        wait_for(lambda: ledger_stream.backlog(stream) == 0, 60, "the backlog to drain")
+        wait_until(
+            "the backlog to drain", lambda: ledger_stream.backlog(stream) == 0, 60, every=0.1
+        )
     finally:
         healthy.stop()
     assert UsageRecord.objects.filter(user=user).count() == 500

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.procs import simulator
+from tests.procs import simulator, wait_until
 from tests.sglang_sim.test_simulator import MODEL, metrics
 
 pytestmark = pytest.mark.slow
@@ -118,15 +118,6 @@ def test_a_repeated_system_prompt_hits_the_prefix_cache() -> None:
         ask(url, "첫 질문입니다.", 4)
         usage = ask(url, "두 번째 질문입니다.", 4).json()["usage"]
         assert (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
-
-
-def wait_until(what: str, check: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{what}: not within {timeout}s")
 
 
 def in_engine(url: str) -> float:
