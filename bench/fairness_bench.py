@@ -1,25 +1,30 @@
 """Contention on the GPU-like simulator: one heavy user against light interactive users.
 
     .venv/bin/python bench/fairness_bench.py [--seconds 30] [--warmup 15] [--heavy 64]
+        [--workload long-prompts|long-answers] [--only NAME,NAME] [--set SETTING=VALUE]
+        [--prefill-ms-per-token MS]
 
 The situation issue 15 is about, measured on the simulator's GPU-like engine (sglang_sim/
 engine.py; `--max-running-requests 64` as config/sglang_korean.yaml sets SGLang): a heavy user
-keeps `--heavy` long streaming requests in flight (about 1,000 prompt and 256 answer tokens
-each, a new one as soon as one ends) while 4 light users each send short interactive requests
-(about 40 prompt and 32 answer tokens, one at a time with 0.3 s to read the answer). Light
-users are first measured alone, then beside the heavy one: the heavy user runs `--warmup`
-seconds alone first (its first burst of prefills is a start-up, not the steady state), then
-`--seconds` are measured. Reported per class: time to first token p50/p90/p99, completion time
-p50, tokens/s, and the upstream's total generation throughput over the measured window.
+keeps `--heavy` long streaming requests in flight (a new one as soon as one ends) while 4 light
+users each send short interactive requests (about 40 prompt and 32 answer tokens, one at a time
+with 0.3 s to read the answer). "Long" two ways (`--workload`): long prompts (about 1,000 prompt
+and 256 answer tokens: each prefill is a ~95 ms step of the server's) or long answers (about
+200 prompt and 1,024 answer tokens). Light users are first measured alone, then beside the
+heavy one: the heavy user runs `--warmup` seconds alone first (its first burst of prefills is a
+start-up, not the steady state), then `--seconds` are measured. Reported per class: time to
+first token p50/p90/p99, completion time p50, tokens/s, and the upstream's total generation
+throughput over the measured window.
 
-Configurations, one run: "direct" (clients to the upstream), "gateway FIFO" (through the
-gateway, the model without places upstream: every request passes straight through), "gateway
-fair" (the model with 64 places upstream, SGLang's own count: past them requests wait in the
-gateway's fair queue, gateway/scheduling.py, with its defaults: an eighth of the places left to
-others, 2 prefills a user, gateway/prefill_gate.py), "gateway fair + priority" (the same, the
-light users' plan with priority 10 on a server started with --enable-priority-scheduling) and
-the latter with 1 prefill a user. The gateways run under uvicorn with the embedded limiter
-(limits far above the load) on SQLite; each user has their own key.
+Configurations, one run (CONFIGS): "direct" (clients to the upstream), "gateway FIFO" (through
+the gateway, the model without places upstream: every request passes straight through),
+"gateway fair" (the model with 64 places upstream, SGLang's own count: past them requests wait
+in the gateway's fair queue, gateway/scheduling.py, with its defaults: a place kept for each
+other user seen, 2 prefills a user and a user's only request prefilled first,
+gateway/prefill_gate.py), the same without that last rule, and "gateway fair + priority" (the
+light users' plan with priority 10 on a server started with --enable-priority-scheduling).
+`--set` changes a setting of every gateway. The gateways run under uvicorn with the embedded
+limiter (limits far above the load) on SQLite; each user has their own key.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +51,9 @@ sys.path.insert(0, str(ROOT))
 from tests.procs import free_port, running, simulator  # noqa: E402
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
-HEAVY_PROMPT = "다음 보고서를 자세히 요약하고 항목별로 정리해 주세요. " * 70  # ~1,000 tokens
+HEAVY_SENTENCE = "다음 보고서를 자세히 요약하고 항목별로 정리해 주세요. "  # ~14 tokens
+# The heavy user's requests: (prompt sentences, answer tokens).
+WORKLOADS = {"long-prompts": (70, 256), "long-answers": (14, 1024)}
 LIGHT_PROMPT = "오늘 서울 날씨에 맞는 옷차림을 한 문장으로 알려 주세요."
 
 
@@ -106,9 +113,20 @@ async def light_user(url: str, key: str, until: float, into: Samples) -> None:
             await asyncio.sleep(0.3)
 
 
+NO_HOLD = (("GATEWAY_QUEUE_FIRST_REQUEST_HOLD_SECONDS", "0"),)
+
+
+@dataclass(frozen=True)
+class HeavyLoad:
+    in_flight: int
+    sentences: int  # of HEAVY_SENTENCE in each prompt
+    answer: int  # tokens
+
+
 async def heavy_user(
-    url: str, key: str, until: float, in_flight: int, into: Samples, since: float
+    url: str, key: str, until: float, load: HeavyLoad, into: Samples, since: float
 ) -> None:
+    in_flight, sentences, answer = load.in_flight, load.sentences, load.answer
     connector = aiohttp.TCPConnector(limit=in_flight)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=600)
@@ -117,8 +135,8 @@ async def heavy_user(
         async def lane(n: int) -> None:
             while time.monotonic() < until:
                 # A new document each time: no configuration prefills from another's cache.
-                prompt = f"{uuid.uuid4()}: {HEAVY_PROMPT}"
-                await stream(session, url, key, prompt, 256, into, since)
+                prompt = f"{uuid.uuid4()}: {HEAVY_SENTENCE * sentences}"
+                await stream(session, url, key, prompt, answer, into, since)
 
         await asyncio.gather(*(lane(n) for n in range(in_flight)))
 
@@ -134,7 +152,12 @@ async def generated(url: str) -> float:
 
 
 async def scenario(
-    target: str, upstream: str, keys: dict[str, str], seconds: float, heavy: int, warmup: float
+    target: str,
+    upstream: str,
+    keys: dict[str, str],
+    seconds: float,
+    heavy: HeavyLoad | None,
+    warmup: float,
 ) -> tuple[Samples, Samples, float]:
     """The heavy user (if any) starts first and runs `warmup` seconds alone (its first 64
     prefills at once are a start-up burst, not the steady state); then the light users join
@@ -231,35 +254,67 @@ def row(name: str, samples: Samples, seconds: float) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Config:
+    name: str
+    places: int | None  # the model's places upstream; None: clients straight to the server
+    ranked: bool = False  # the server with --enable-priority-scheduling, light plan priority 10
+    settings: tuple[tuple[str, str], ...] = ()
+
+
+CONFIGS = (
+    Config("direct", None),
+    Config("gateway FIFO", 0),
+    Config("gateway fair, no first-request hold", 64, settings=NO_HOLD),
+    Config("gateway fair", 64),
+    Config("gateway fair + priority", 64, ranked=True),
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--heavy", type=int, default=64)
     parser.add_argument("--warmup", type=float, default=15.0)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="long-prompts")
+    parser.add_argument("--only", help="configurations to run, comma-separated (FIFO always)")
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="a gateway setting for every gateway configuration")  # fmt: skip
+    parser.add_argument("--prefill-ms-per-token", type=float, default=None,
+                        help="the simulated GPU's prefill speed")  # fmt: skip
     options = parser.parse_args()
-    engine = ("--engine", "gpu", "--max-running-requests", "64")
-    seconds, heavy, warmup = options.seconds, options.heavy, options.warmup
+    engine: tuple[str, ...] = ("--engine", "gpu", "--max-running-requests", "64")
+    if options.prefill_ms_per_token is not None:
+        engine += ("--prefill-ms-per-token", str(options.prefill_ms_per_token))
+    seconds, warmup = options.seconds, options.warmup
+    heavy = HeavyLoad(options.heavy, *WORKLOADS[options.workload])
+    chosen = [c for c in CONFIGS if options.only is None or c.name == "gateway FIFO"
+              or c.name in options.only.split(",")]  # fmt: skip
+    overrides = dict(setting.split("=", 1) for setting in options.set)
     results: dict[str, tuple[tuple[Samples, Samples, float], ...]] = {}
-    with (
-        simulator(MODEL, extra=engine) as upstream,
-        simulator(MODEL, extra=(*engine, "--enable-priority-scheduling")) as ranked,
-        gateway(upstream, 0) as (fifo, keys, _),
-        gateway(upstream, 64) as (fair, fair_keys, _),
-        gateway(ranked, 64, light_priority=10) as (fair_ranked, ranked_keys, _),
-        gateway(
-            ranked, 64, light_priority=10, settings={"GATEWAY_QUEUE_PREFILLS_PER_USER": "1"}
-        ) as (one, one_keys, _),
-    ):
-        configurations = (
-            ("direct", upstream, upstream, keys),
-            ("gateway FIFO", fifo, upstream, keys),
-            ("gateway fair", fair, upstream, fair_keys),
-            ("gateway fair + priority", fair_ranked, ranked, ranked_keys),
-            ("gateway fair + priority, 1 prefill a user", one, ranked, one_keys),
-        )
-        for name, target, server, users in configurations:
+    with ExitStack() as stack:
+        ranking = ("--enable-priority-scheduling",)
+        servers = {
+            ranked: stack.enter_context(simulator(MODEL, extra=engine + ranking * ranked))
+            for ranked in {c.ranked for c in chosen}
+        }
+        runs: list[tuple[str, str, str, dict[str, str] | None]] = []
+        for config in chosen:
+            server = servers[config.ranked]
+            if config.places is None:
+                runs.append((config.name, server, server, None))
+                continue
+            target, users, _ = stack.enter_context(
+                gateway(server, config.places, light_priority=10 if config.ranked else None,
+                        settings={**dict(config.settings), **overrides})
+            )  # fmt: skip
+            runs.append((config.name, target, server, users))
+        fifo_keys = next(users for name, _, _, users in runs if name == "gateway FIFO")
+        assert fifo_keys is not None
+        for name, target, server, own_keys in runs:
+            users = own_keys or fifo_keys  # direct: the keys are not checked
             results[name] = (
-                asyncio.run(scenario(target, server, users, seconds, 0, warmup)),
+                asyncio.run(scenario(target, server, users, seconds, None, warmup)),
                 asyncio.run(scenario(target, server, users, seconds, heavy, warmup)),
             )
     print("| configuration, class | requests | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | "
@@ -268,7 +323,7 @@ def main() -> None:
     for name, (quiet, busy) in results.items():
         print(row(f"{name}: light users alone", quiet[0], seconds))
         print(row(f"{name}: light users beside the heavy one", busy[0], seconds))
-        print(row(f"{name}: heavy user ({heavy} in flight)", busy[1], seconds))
+        print(row(f"{name}: heavy user ({heavy.in_flight} in flight)", busy[1], seconds))
     print()
     for name, (quiet, busy) in results.items():
         light, alone = busy[0], quiet[0]

@@ -15,11 +15,12 @@ at most its plan's `max_queue_seconds`:
   returned by the caller);
 - Redis does not answer: the request goes through unordered (fail open; logged once a minute).
 
-One user holds at most the pool less GATEWAY_QUEUE_HEADROOM of it (an eighth by default, at
-least one place): a user who keeps the server full still leaves places for another user's
-request to start at once. A request with a place then takes one of its user's prefill slots
-(gateway/prefill_gate.py): a burst of one user's long prompts does not hold up others' first
-tokens.
+One user holds at most the pool less a place for each other user seen in the last minute (at
+least one, at most GATEWAY_QUEUE_HEADROOM of the pool, an eighth by default): a user who keeps
+the server full still leaves a place for each other user's next request to start at once.
+A request with a place then waits for its turn to be prefilled (gateway/prefill_gate.py): a
+burst of one user's long prompts does not hold up others' first tokens, and a user's only
+request is prefilled before busy users' new ones.
 
 Models without places (0, the default) pay nothing: no queue call at all.
 """
@@ -39,7 +40,7 @@ from gateway import metrics
 from gateway.asgi_io import ClientDisconnected, Receive, wait_for_disconnect
 from gateway.caches import ModelInfo
 from gateway.errors import GatewayError
-from gateway.prefill_gate import Key, PrefillGate, non_streamed_prefill_seconds
+from gateway.prefill_gate import Pass, PrefillGate, non_streamed_prefill_seconds
 from quotas.services import KeyGrant
 from tokenlimit.fair_queue import (
     FairQueue,
@@ -71,16 +72,16 @@ class Place:
 
     scheduler: Scheduler | None = None
     ticket: Ticket | None = None
-    prefilling: Key | None = None  # a prefill slot held (gateway/prefill_gate.py)
+    admitted: Pass | None = None  # through the prefill gate (gateway/prefill_gate.py)
 
     def prefilled(self) -> None:
         """Its first token came (or should have): the user's next request may prefill."""
-        if self.scheduler is not None and self.prefilling is not None:
-            self.scheduler.gate.leave(self.prefilling)
-        self.prefilling = None
+        if self.admitted is not None:
+            self.admitted.prefilled()
 
     async def release(self) -> None:
-        self.prefilled()
+        if self.admitted is not None:
+            self.admitted.ended()
         if self.scheduler is None or self.ticket is None:
             return
         with contextlib.suppress(FairQueueUnavailable):  # if so, the lease frees it
@@ -116,21 +117,22 @@ class Scheduler:
         self, model: ModelInfo, grant: KeyGrant, rid: str, reserved: int, receive: Receive,
         request: Shape = Shape(),
     ) -> Place:  # fmt: skip
-        """A place on the model's server, and then a prefill slot of the user's."""
+        """A place on the model's server, and then its turn to be prefilled."""
         place = await self._place(model, grant, rid, reserved, receive)
         if place.ticket is None:
             return place
         key = (model.name, place.ticket.user)
         try:
-            held = await self.gate.enter(key, settings.GATEWAY_QUEUE_PREFILLS_PER_USER, receive)
+            place.admitted = await self.gate.enter(
+                key, settings.GATEWAY_QUEUE_PREFILLS_PER_USER,
+                settings.GATEWAY_QUEUE_FIRST_REQUEST_HOLD_SECONDS, receive,
+            )  # fmt: skip
         except BaseException:
             await place.release()
             raise
-        if held:
-            place.prefilling = key
-            if not request.streamed:  # no first token to see: the time its prompt takes
-                delay = non_streamed_prefill_seconds(request.prompt_tokens)
-                asyncio.get_running_loop().call_later(delay, place.prefilled)
+        if not request.streamed:  # no first token to see: the time its prompt takes
+            delay = non_streamed_prefill_seconds(request.prompt_tokens)
+            asyncio.get_running_loop().call_later(delay, place.prefilled)
         return place
 
     async def _place(
@@ -241,12 +243,13 @@ def queue_priority(priority: int | None) -> int:
 
 
 def pool_limits(capacity: int, request_timeout: float) -> PoolLimits:
-    """A pool of `capacity` places; one user may hold all but the headroom (none in a pool of
-    one: there, a user simply waits its turn)."""
+    """A pool of `capacity` places; one user may hold all but a place for each other user
+    seen lately, at most the headroom (none in a pool of one: there, a user simply waits its
+    turn)."""
     headroom = math.ceil(capacity * settings.GATEWAY_QUEUE_HEADROOM) if capacity > 1 else 0
     return PoolLimits(
         capacity=capacity,
-        user_cap=max(capacity - headroom, 1),
+        reserve=min(headroom, capacity - 1),
         lease=request_timeout + LEASE_MARGIN_SECONDS,
         max_waiting=settings.GATEWAY_QUEUE_MAX_WAITING,
     )

@@ -471,13 +471,19 @@ GATEWAY_QUEUE_POLL_SECONDS = env_float("GATEWAY_QUEUE_POLL_SECONDS", 0.02, minim
 # gateway (gateway/prefill_gate.py: a burst of long prompts must not hold up others' short
 # ones); 0: no limit.
 GATEWAY_QUEUE_PREFILLS_PER_USER = env_int("GATEWAY_QUEUE_PREFILLS_PER_USER", 2, minimum=0)
+# How long the new requests of a user who already has one on a model with places may wait for
+# other users' only requests there to get their first tokens (gateway/prefill_gate.py: an
+# interactive prompt prefilled in a step of its own, not beside a long one); 0: off.
+GATEWAY_QUEUE_FIRST_REQUEST_HOLD_SECONDS = env_float(
+    "GATEWAY_QUEUE_FIRST_REQUEST_HOLD_SECONDS", 1.0, minimum=0.0, maximum=10.0
+)
 # As the servers' --schedule-low-priority-values-first: the queue then serves a plan's lower
 # priority values first (SGLang's default, and this one's: higher first).
 GATEWAY_QUEUE_LOW_PRIORITY_VALUES_FIRST = env_bool("GATEWAY_QUEUE_LOW_PRIORITY_VALUES_FIRST", False)
 # How often a gateway reads the load of each server of a model with several (gateway/routing.py).
 GATEWAY_ROUTING_POLL_SECONDS = env_float("GATEWAY_ROUTING_POLL_SECONDS", 1.0, minimum=0.05)
-# The share of a model's places no single user may take (gateway/scheduling.py): room for
-# another user's request to start while one user keeps the server full.
+# The most of a model's places kept from any one user (gateway/scheduling.py): a place for each
+# other user seen in the last minute, so their requests start while one user keeps it full.
 GATEWAY_QUEUE_HEADROOM = env_float("GATEWAY_QUEUE_HEADROOM", 0.125, minimum=0.0, maximum=0.9)
 
 # Per-user labels on the gateway's Prometheus series: off, as users are unbounded.

@@ -3,20 +3,23 @@
 --       3 state (hash: "vt" virtual time, "u:<user>" the user's last finish tag,
 --                "c:<rid>" the waiting request's cost/weight, "o:<rid>" its user,
 --                "n:<user>" the places the user holds),
---       4 waiting leases (zset rid -> deadline: renewed by every poll of a live waiter)
+--       4 waiting leases (zset rid -> deadline: renewed by every poll of a live waiter),
+--       5 users seen (zset user -> when it last asked for a place)
 -- Waiting members are scored by the request's priority (negated: higher first, as SGLang's
 -- default) and named "<finish tag, fixed width>:<arrival sequence>:<rid>" (state "m:<rid>"
 -- names it): a sorted set orders equal scores by member, so within a priority the lowest
 -- finish tag goes first, and equal tags in arrival order.
 -- ARGV: op, rid, user, cost/weight, capacity, now, lease, max waiting, waiting lease,
---       places one user may hold, how far ahead a waiter looks (bounded work a poll), priority
+--       places kept from one user for others at most, how far ahead a waiter looks (bounded
+--       work a poll), priority, how long a user counts as seen
 -- Returns {granted (1|0 waiting|3 waiting, its user at its cap|-1 refused|-2 gone),
 --          requests that go first, in flight}.
 local op, rid, user = ARGV[1], ARGV[2], ARGV[3]
 local share, capacity = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now, lease, max_waiting = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local wait_lease, user_cap = tonumber(ARGV[9]), tonumber(ARGV[10])
+local wait_lease, reserve = tonumber(ARGV[9]), tonumber(ARGV[10])
 local scan_limit, priority = tonumber(ARGV[11]), tonumber(ARGV[12])
+local seen_for = tonumber(ARGV[13])
 local RID_AT = 38  -- after "<20-character tag>:<15-digit sequence>:"
 
 -- A place given back (or its lease run out): its user holds one fewer.
@@ -54,6 +57,7 @@ if op == 'leave' then
 end
 
 if op == 'enqueue' then
+  redis.call('ZADD', KEYS[5], now, user)
   if redis.call('ZCARD', KEYS[2]) >= max_waiting then
     return {-1, redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[1])}
   end
@@ -80,6 +84,18 @@ if not rank then
 end
 local function held(who)
   return tonumber(redis.call('HGET', KEYS[3], 'n:' .. who) or '0')
+end
+
+-- One user holds at most the pool less a place for each other user seen lately (at least one,
+-- at most `reserve`): room for the users who are here, not for an eighth of the pool idle.
+local user_cap = capacity
+if reserve > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - seen_for)
+  local others = redis.call('ZCARD', KEYS[5])
+  if redis.call('ZSCORE', KEYS[5], user) then
+    others = others - 1
+  end
+  user_cap = math.max(capacity - math.min(reserve, math.max(others, 1)), 1)
 end
 
 -- Where this request stands: whether its user holds its cap (it waits for one of its own places

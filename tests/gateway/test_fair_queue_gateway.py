@@ -2,12 +2,14 @@
 GPU-like engine, two running at most), gateways sharing the queue through Redis. A light
 user's request overtakes a heavy user's backlog; headroom lets another user start at once; a
 plan's priority orders the queue; a plan's wait bound gives an honest 429; a client that
-leaves while waiting leaves the queue. (The scheduler in one process: test_scheduling.py.)"""
+leaves while waiting leaves the queue; a busy user's next prompt waits for a light user's
+first token. (The scheduler in one process: test_scheduling.py and test_prefill_gate.py.)"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -198,3 +200,54 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue(site: Site) -> None
     wait_until("the client's 499 in the ledger", closed_row)
     for thread in threads:
         thread.join(timeout=60)
+
+
+HOLD_MODEL = "Qwen/Qwen2.5-7B-Instruct-hold"
+
+
+def first_token_at(client: openai.OpenAI, tokens: int, into: dict[str, float], name: str) -> None:
+    """Streams an answer; `into[name]`: when its first token came (monotonic)."""
+    stream = client.chat.completions.create(
+        model=HOLD_MODEL, max_tokens=tokens, stream=True,
+        messages=[{"role": "user", "content": name}],
+    )  # fmt: skip
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and name not in into:
+            into[name] = time.monotonic()
+
+
+def test_a_busy_users_next_prompt_waits_for_a_light_users_first_token(site: Site) -> None:
+    """gateway/prefill_gate.py's second rule through real processes (default settings): the
+    server takes 0.6 s to a first token; while the light user's only request awaits its
+    own, the heavy user's next request is not sent, so its first token comes at least 0.6 s
+    after the light one's (sent at once, they would come together)."""
+    from gateway.models import ServedModel
+
+    with ExitStack() as stack:
+        sim = stack.enter_context(simulator(HOLD_MODEL, tokens_per_second=20, ttft_ms=600))
+        with site.blocker.unblock():
+            ServedModel.objects.update_or_create(
+                name=HOLD_MODEL, defaults={"upstream_url": sim, "max_concurrent_requests": 8}
+            )
+        url = serve_gateway(stack, database_url_for_subprocess(), SGLANG_URL=sim)
+        firsts: dict[str, float] = {}
+
+        def streamed(user: str, name: str, tokens: int) -> threading.Thread:
+            args = (site.client(user, url), tokens, firsts, name)
+            thread = threading.Thread(target=first_token_at, args=args)
+            thread.start()
+            return thread
+
+        def at_server(count: int) -> Callable[[], bool]:
+            return lambda: httpx.get(f"{sim}/get_load").json()[0]["num_reqs"] == count
+
+        running = streamed("대기열-무거움", "running", 60)  # 3 s of answer after its first
+        wait_until("the heavy user's first token", lambda: "running" in firsts)
+        light = streamed("대기열-가벼움", "light", 5)
+        wait_until("the light request at the server", at_server(2))
+        heavy_next = streamed("대기열-무거움", "heavy next", 5)
+        for thread in (running, light, heavy_next):
+            thread.join(timeout=60)
+        assert firsts["heavy next"] - firsts["light"] >= 0.45, firsts
+    with site.blocker.unblock():
+        ServedModel.objects.filter(name=HOLD_MODEL).delete()

@@ -61,15 +61,15 @@ def test_the_queue_follows_the_servers_priority_order(settings: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("capacity", "headroom", "user_cap"),
-    [(64, 0.125, 56), (64, 0.0625, 60), (8, 0.125, 7), (2, 0.125, 1), (1, 0.5, 1), (64, 0, 64)],
+    ("capacity", "headroom", "reserve"),
+    [(64, 0.125, 8), (64, 0.0625, 4), (8, 0.125, 1), (2, 0.9, 1), (1, 0.5, 0), (64, 0, 0)],
 )
-def test_headroom_leaves_places_to_others(
-    settings: Any, capacity: int, headroom: float, user_cap: int
+def test_headroom_keeps_places_for_others(
+    settings: Any, capacity: int, headroom: float, reserve: int
 ) -> None:
     settings.GATEWAY_QUEUE_HEADROOM = headroom
     limits = pool_limits(capacity, 300.0)
-    assert (limits.capacity, limits.user_cap, limits.lease) == (capacity, user_cap, 360.0)
+    assert (limits.capacity, limits.reserve, limits.lease) == (capacity, reserve, 360.0)
 
 
 def test_a_capped_request_is_not_judged_by_the_queues_pace(settings: Any) -> None:

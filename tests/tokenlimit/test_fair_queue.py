@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.procs import busy_cores
+from tokenlimit import fair_queue
 from tokenlimit.fair_queue import (
     WAIT_LEASE_SECONDS,
     FairQueueUnavailable,
@@ -40,9 +41,8 @@ def queue(request: pytest.FixtureRequest) -> Iterator[Any]:
 class Pool:
     """One pool of `capacity` places, driven step by step on one event loop."""
 
-    def __init__(self, queue: Any, capacity: int, user_cap: int | None = None) -> None:
-        self.queue, self.capacity = queue, capacity
-        self.user_cap = capacity if user_cap is None else user_cap
+    def __init__(self, queue: Any, capacity: int, reserve: int = 0) -> None:
+        self.queue, self.capacity, self.reserve = queue, capacity, reserve
         self.name = f"pool-{uuid.uuid4().hex[:6]}"
         # One loop for the pool's life: a Redis client's connections belong to the loop that
         # opened them.
@@ -52,7 +52,7 @@ class Pool:
         return Ticket(self.name, uuid.uuid4().hex, user, cost / weight, priority)
 
     def limits(self, max_waiting: int = 100) -> PoolLimits:
-        return PoolLimits(self.capacity, self.user_cap, LEASE, max_waiting)
+        return PoolLimits(self.capacity, self.reserve, LEASE, max_waiting)
 
     def enqueue(self, ticket: Ticket, now: float = NOW, max_waiting: int = 100) -> Any:
         return self.loop.run_until_complete(
@@ -200,7 +200,7 @@ def test_a_higher_priority_goes_before_any_tag(queue: Any) -> None:
 def test_no_user_takes_more_than_its_cap(queue: Any) -> None:
     """4 places, 3 a user: the full user's next request waits though a place is free, and
     another user's request takes that place at once."""
-    pool = Pool(queue, 4, user_cap=3)
+    pool = Pool(queue, 4, reserve=1)
     for _ in range(3):
         assert pool.enqueue(pool.ticket("heavy", 1000)).granted
     more = pool.ticket("heavy", 1000)
@@ -215,7 +215,7 @@ def test_no_user_takes_more_than_its_cap(queue: Any) -> None:
 def test_a_capped_user_at_the_head_holds_nobody_back(queue: Any) -> None:
     """The capped user's waiters have the lowest tags; the place goes past them to the next
     user in order, and back to them when their user holds fewer."""
-    pool = Pool(queue, 3, user_cap=2)
+    pool = Pool(queue, 3, reserve=1)
     first, second = pool.ticket("heavy", 1), pool.ticket("heavy", 1)
     assert pool.enqueue(first).granted and pool.enqueue(second).granted
     heavy_waiting = [pool.ticket("heavy", 1) for _ in range(3)]
@@ -233,9 +233,42 @@ def test_a_capped_user_at_the_head_holds_nobody_back(queue: Any) -> None:
     assert pool.next_granted([*heavy_waiting[1:], other]) is other
 
 
+def test_a_place_is_kept_for_each_other_user_seen_lately(
+    queue: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 places, at most 4 kept from one user: alone, the heavy user may hold 7 (one kept for
+    whoever comes); with two others seen, 6; with five, 4 (the most kept); as the others
+    stop asking, its cap grows back."""
+    monkeypatch.setattr(fair_queue, "SEEN_SECONDS", 10.0)
+    pool = Pool(queue, 8, reserve=4)
+    heavy = [pool.ticket("heavy", 1) for _ in range(8)]
+    assert [pool.enqueue(t).granted for t in heavy] == [True] * 7 + [False]
+    assert pool.poll(heavy[7]).capped
+    light, other = pool.ticket("light", 1), pool.ticket("other", 1)
+    assert pool.enqueue(light, NOW + 1).granted  # the place kept free
+    position = pool.enqueue(other, NOW + 2)
+    assert not position.granted and not position.capped  # the pool is full
+    pool.leave(heavy[0], NOW + 3)
+    assert pool.poll(heavy[7], NOW + 3).capped  # heavy holds 6, its cap with two others seen
+    assert pool.poll(other, NOW + 3).granted
+    for name in ("c", "d", "e"):  # seen at NOW + 4, then gone (their clients left)
+        ticket = pool.ticket(name, 1)
+        assert not pool.enqueue(ticket, NOW + 4).granted
+        pool.leave(ticket, NOW + 4)
+    for ticket in (heavy[1], heavy[2], light, other):
+        pool.leave(ticket, NOW + 5)
+    assert pool.poll(heavy[7], NOW + 5).capped  # holds 4: five others seen, 4 kept at most
+    assert pool.poll(heavy[7], NOW + 9).capped
+    # Light and other last asked at NOW + 1 and + 2: three others seen now, cap 5.
+    assert pool.poll(heavy[7], NOW + 12).granted
+    more = pool.ticket("heavy", 1)
+    assert pool.enqueue(more, NOW + 12).capped
+    assert pool.poll(more, NOW + 15).granted  # nobody else seen: cap 7
+
+
 def test_a_lapsed_place_counts_no_more_for_its_user(queue: Any) -> None:
     """A place whose lease ran out (its gateway died) no longer counts against its user."""
-    pool = Pool(queue, 3, user_cap=1)
+    pool = Pool(queue, 2, reserve=1)
     assert pool.enqueue(pool.ticket("a", 1)).granted
     waiting = pool.ticket("a", 1)
     assert not pool.enqueue(waiting, NOW + LEASE - 2).granted
@@ -260,7 +293,7 @@ def test_two_gateways_never_give_more_places_than_the_capacity(settings: Any) ->
     both bounds reached, on a loaded machine."""
     prefix = f"fq-test-{uuid.uuid4().hex[:8]}"
     pool_name = f"pool-{uuid.uuid4().hex[:6]}"
-    limits = PoolLimits(capacity=3, user_cap=2, lease=LEASE, max_waiting=1000)
+    limits = PoolLimits(capacity=3, reserve=1, lease=LEASE, max_waiting=1000)
     held, peak, served = [0], [0], [0]
     by_user: collections.Counter[str] = collections.Counter()
     user_peak: collections.Counter[str] = collections.Counter()
